@@ -1,0 +1,80 @@
+"""Output conventions: people read stderr (tables, progress), pipelines read stdout (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ctxdiff.cli.app import options
+
+stderr = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """One line, no traceback."""
+    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    if not options().quiet:
+        stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def info(message: str) -> None:
+    if not options().quiet:
+        stderr.print(message, soft_wrap=True)
+
+
+def emit_json(record: dict[str, Any]) -> None:
+    """One JSON object per line on stdout (only with --json)."""
+    if options().json:
+        sys.stdout.write(json.dumps(record, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    """A rich table on stderr for people (suppressed by --quiet)."""
+    if options().quiet:
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[_fmt(v) for v in row])
+    stderr.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, fields: Iterable[str] = ()) -> Iterator["ProgressHandle"]:
+    """A rich progress bar on stderr; `handle.advance(**fields)` updates it. Silent with --quiet."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns += [TextColumn(f"{name}={{task.fields[{name}]}}") for name in fields]
+    progress = Progress(*columns, console=stderr, disable=options().quiet, transient=False)
+    with progress:
+        task = progress.add_task(description, total=total, **{name: "-" for name in fields})
+        yield ProgressHandle(progress, task)
+
+
+class ProgressHandle:
+    def __init__(self, progress: Progress, task) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self._progress.update(self._task, advance=n, **{k: _fmt(v) for k, v in fields.items()})
+
+    def callback(self, **_: Any) -> None:
+        """Use as a sampler callback: one tick per step."""
+        self.advance()

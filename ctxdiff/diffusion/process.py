@@ -1,0 +1,173 @@
+"""The contextualized forward and reverse processes (ContextDiff, Eq. 1-11).
+
+Every function takes tensors and callables only (no networks, no files):
+- `adapter(x0, cond, t) -> r` is the context-aware adapter r_phi, shaped like x0; None means r = 0.
+- `t`, `s` are paper steps (see schedule.py): a Python int or a LongTensor of shape [B].
+The bias enters every equation as k_t r_phi(x0, c, t).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ctxdiff.diffusion.schedule import Schedule
+
+Adapter = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+
+
+def _as_batch(t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, int):
+        return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    return t
+
+
+def context_bias(sched: Schedule, x0: torch.Tensor, t: int | torch.Tensor,
+                 adapter: Optional[Adapter], cond) -> torch.Tensor | float:
+    """k_t r_phi(x0, c, t): the mean shift of the marginal (Eq. 1). Zero without an adapter or at t = 0."""
+    if adapter is None or (isinstance(t, int) and t == 0):
+        return 0.0
+    return sched.at("k", t, x0) * adapter(x0, cond, _as_batch(t, x0))
+
+
+def q_sample(sched: Schedule, x0: torch.Tensor, t: int | torch.Tensor, adapter: Optional[Adapter] = None,
+             cond=None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Draw x_t ~ q(x_t | x_0, c) = N(sqrt(abar_t) x_0 + k_t r_t, (1 - abar_t) I)   (Eq. 1)."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    abar = sched.at("alpha_bar", t, x0)
+    return abar.sqrt() * x0 + context_bias(sched, x0, t, adapter, cond) + (1 - abar).sqrt() * noise
+
+
+def q_transition(sched: Schedule, x_prev: torch.Tensor, x0: torch.Tensor, t: int | torch.Tensor,
+                 adapter: Optional[Adapter] = None, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_t | x_{t-1}, x_0, c)   (Eq. 2).
+
+    mean = sqrt(alpha_t) x_{t-1} + k_t r_t - sqrt(alpha_t) k_{t-1} r_{t-1},  variance = beta_t.
+    """
+    alpha = sched.at("alphas", t, x0)
+    shift = context_bias(sched, x0, t, adapter, cond) - alpha.sqrt() * context_bias(sched, x0, t - 1, adapter, cond)
+    return alpha.sqrt() * x_prev + shift, sched.at("betas", t, x0)
+
+
+def posterior_variance(sched: Schedule, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t   (Eq. 3); 0 at t = 1."""
+    abar, abar_prev = sched.at("alpha_bar", t, like), sched.at("alpha_bar", t - 1, like)
+    return (1 - abar_prev) / (1 - abar) * sched.at("betas", t, like)
+
+
+def q_posterior(sched: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t: int | torch.Tensor,
+                adapter: Optional[Adapter] = None, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_0, c)   (Eq. 3, Proposition 1).
+
+    mu~ = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0
+        + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) (x_t - k_t r_t) + k_{t-1} r_{t-1}
+    """
+    abar, abar_prev = sched.at("alpha_bar", t, x0), sched.at("alpha_bar", t - 1, x0)
+    alpha, beta = sched.at("alphas", t, x0), sched.at("betas", t, x0)
+    coef_x0 = abar_prev.sqrt() * beta / (1 - abar)
+    coef_xt = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
+    mean = (coef_x0 * x0 + coef_xt * (x_t - context_bias(sched, x0, t, adapter, cond))
+            + context_bias(sched, x0, t - 1, adapter, cond))
+    return mean, posterior_variance(sched, t, x0)
+
+
+def _add_noise(mean: torch.Tensor, std: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    if not torch.any(std > 0):
+        return mean
+    return mean + std * (torch.randn_like(mean) if noise is None else noise)
+
+
+def ddpm_step(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, x0_hat: torch.Tensor,
+              adapter: Optional[Adapter] = None, cond=None, noise: Optional[torch.Tensor] = None,
+              variance: str = "posterior") -> torch.Tensor:
+    """Context-aware ancestral step x_t -> x_{t-1}   (Eq. 7).
+
+    The mean is Eq. 3 with x_0 -> x0_hat and r -> r_phi(x0_hat, c, .); the variance is beta~_t
+    (`variance="posterior"`) or beta_t (`"beta"`). At t = 1 no noise is added (x_0 = x0_hat).
+    """
+    mean, post_var = q_posterior(sched, x_t, x0_hat, t, adapter, cond)
+    if variance == "posterior":
+        var = post_var
+    elif variance == "beta":
+        var = sched.at("betas", t, x0_hat) * (sched.at("alpha_bar", t - 1, x0_hat) < 1)
+    else:
+        raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+    return _add_noise(mean, var.sqrt(), noise)
+
+
+def predicted_noise(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, x0_hat: torch.Tensor,
+                    adapter: Optional[Adapter] = None, cond=None) -> torch.Tensor:
+    """eps_hat = (x_t - sqrt(abar_t) x0_hat - k_t r_phi(x0_hat, c, t)) / sqrt(1 - abar_t)   (Eq. 11); t >= 1."""
+    abar = sched.at("alpha_bar", t, x0_hat)
+    return (x_t - abar.sqrt() * x0_hat - context_bias(sched, x0_hat, t, adapter, cond)) / (1 - abar).sqrt()
+
+
+def _ddim_mean(sched, x0_hat, eps_hat, s, adapter, cond, sigma):
+    abar_s = sched.at("alpha_bar", s, x0_hat)
+    return (abar_s.sqrt() * x0_hat + context_bias(sched, x0_hat, s, adapter, cond)
+            + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps_hat)
+
+
+def ddim_sigma(sched: Schedule, t: int | torch.Tensor, s: int | torch.Tensor, eta: float,
+               like: torch.Tensor) -> torch.Tensor:
+    """sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s)   (Eq. 9)."""
+    abar_t, abar_s = sched.at("alpha_bar", t, like), sched.at("alpha_bar", s, like)
+    return eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+
+
+def ddim_step(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor,
+              x0_hat: torch.Tensor, adapter: Optional[Adapter] = None, cond=None, eta: float = 0.0,
+              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Context-aware DDIM jump x_t -> x_s for any earlier step s < t   (Eq. 9; eta = 0 gives Eq. 11).
+
+    x_s = sqrt(abar_s) x0_hat + k_s r_s + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
+    with eps_hat from `predicted_noise` and r_. = r_phi(x0_hat, c, .).
+    """
+    sigma = ddim_sigma(sched, t, s, eta, x0_hat)
+    eps_hat = predicted_noise(sched, x_t, t, x0_hat, adapter, cond)
+    return _add_noise(_ddim_mean(sched, x0_hat, eps_hat, s, adapter, cond, sigma), sigma, noise)
+
+
+def ddim_invert_step(sched: Schedule, x_s: torch.Tensor, s: int | torch.Tensor, t: int | torch.Tensor,
+                     x0_hat: torch.Tensor, adapter: Optional[Adapter] = None, cond=None) -> torch.Tensor:
+    """DDIM inversion x_s -> x_t (t > s >= 1): the exact inverse of Eq. 11 for a fixed x0_hat.
+
+    eps_hat = (x_s - sqrt(abar_s) x0_hat - k_s r_s) / sqrt(1 - abar_s)
+    x_t     = sqrt(abar_t) x0_hat + k_t r_t + sqrt(1 - abar_t) eps_hat
+    """
+    eps_hat = predicted_noise(sched, x_s, s, x0_hat, adapter, cond)
+    return _ddim_mean(sched, x0_hat, eps_hat, t, adapter, cond, sigma=torch.zeros((), dtype=x0_hat.dtype))
+
+
+LOSS_WEIGHTINGS = ("constant", "snr", "min_snr")
+
+
+def loss_weights(sched: Schedule, t: torch.Tensor, weighting: str = "constant", gamma: float = 5.0) -> torch.Tensor:
+    """lambda_t of Eq. 6. `constant`: 1 (the paper). `snr`: SNR_t (equals the epsilon-prediction
+    loss). `min_snr`: min(SNR_t, gamma) (Hang et al. 2023, for x0-prediction)."""
+    if weighting == "constant":
+        return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+    snr = sched.snr(t.cpu()).to(t.device)
+    if weighting == "snr":
+        return snr
+    if weighting == "min_snr":
+        return snr.clamp(max=gamma)
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+
+
+def diffusion_loss(sched: Schedule, x0_fn: Callable, x0: torch.Tensor, cond=None,
+                   adapter: Optional[Adapter] = None, t: Optional[torch.Tensor] = None,
+                   noise: Optional[torch.Tensor] = None, weighting: str = "constant",
+                   gamma: float = 5.0) -> torch.Tensor:
+    """L = E[lambda_t || x_0 - f_theta(x_t, c, t) ||^2]   (Eq. 6), x_t drawn by Eq. 1.
+
+    x_t is reparameterised, so the gradient reaches the adapter only through x_t; the denoiser and
+    the adapter are trained jointly. `t` defaults to uniform over 1..T. Returns the batch mean of
+    the per-sample weighted mean squared error.
+    """
+    if t is None:
+        t = torch.randint(1, sched.T + 1, (x0.shape[0],), device=x0.device)
+    x_t = q_sample(sched, x0, t, adapter, cond, noise)
+    per_sample = (x0 - x0_fn(x_t, cond, t)).float().pow(2).flatten(1).mean(1)
+    return (loss_weights(sched, t, weighting, gamma).to(per_sample) * per_sample).mean()

@@ -1,0 +1,1 @@
+"""Metrics: FID, CLIP score, video alignment and consistency, and the shapes judge."""

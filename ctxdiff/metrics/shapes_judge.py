@@ -1,0 +1,331 @@
+"""A deterministic judge for the shapes world: does an image show what its caption states?
+
+No network: the caption is parsed (`ctxdiff.data.shapes.parse_caption`); the background is the
+palette colour nearest the median border pixel; every other pixel takes the palette colour it is
+confidently nearest to; connected regions of one colour are the candidate objects. An object's
+measurements come from its soft coverage (the pixel's position between background and object
+colour), so soft edges and small sizes measure like the drawn geometry:
+
+    fill = area / (width * height)      circle 0.785, square 1, triangle 0.5, cross 0.556
+    skew = skewness of the row (column) mass profile: an upright triangle -0.57, the rest 0
+
+The caption's objects take the candidates that match them best (colour first). Each stated
+attribute is then checked: colour, shape, size (extent against the midpoint of small and
+large), position (centre in the outer or middle third), relation (centres compared), background,
+and count (as many sizeable regions as named objects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from itertools import permutations
+from typing import Iterable
+
+import numpy as np
+from scipy import ndimage
+
+from ctxdiff.data.shapes import OBJECT_COLOURS, PALETTE, SIZES, SceneSpec, parse_caption
+
+ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count", "motion")
+REPORT_COLUMNS = ("prompts", "attribute", "correct", "stated", "accuracy")
+
+CONFIDENCE = 0.6         # a pixel takes its nearest palette colour when nearer than this x the second
+MIN_AREA = 0.005         # regions smaller than this fraction of the image are noise
+MAX_CANDIDATES = 6       # the largest regions considered as the caption's objects
+SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
+SHAPE_PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 0.0), "triangle": (0.5, 0.566), "cross": (5 / 9, 0.0)}
+SKEW_WEIGHT = 0.5        # skewness counts half as much as fill in the distance to a prototype
+MIN_TRAVEL = 0.15        # a moving object's centre travels at least this far along its direction
+
+_NAMES = list(PALETTE)
+_COLOURS = np.asarray([PALETTE[name] for name in _NAMES], np.float32)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One region: its colour name, measurements and the shape and size they read as."""
+
+    colour: str
+    shape: str
+    size: str
+    cx: float
+    cy: float
+    extent: float
+    fill: float
+    skew: float
+    area: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Per attribute: True (correct), False (wrong) or None (the caption does not state it)."""
+
+    caption: str
+    colour: bool | None = None
+    shape: bool | None = None
+    size: bool | None = None
+    position: bool | None = None
+    relation: bool | None = None
+    background: bool | None = None
+    count: bool | None = None
+    motion: bool | None = None
+    detections: tuple[Detection | None, ...] = ()   # the region taken for each named object
+
+    def attributes(self) -> dict[str, bool | None]:
+        return {name: getattr(self, name) for name in ATTRIBUTES}
+
+    @property
+    def all_correct(self) -> bool:
+        return all(value is not False for value in self.attributes().values())
+
+
+# -- one image ---------------------------------------------------------------------------------
+
+def judge(image, caption: str) -> Verdict:
+    """Check an image (uint8, or float in [0, 1]; [H, W, 3] or [3, H, W]; numpy or torch) against
+    a caption. Raises ValueError when the caption cannot be read."""
+    return judge_spec(image, parse_caption(caption), caption)
+
+
+def judge_spec(image, spec: SceneSpec, caption: str = "") -> Verdict:
+    image = as_uint8_image(image)
+    background, regions = segment(image)
+    found = _match(spec, regions, background)
+    checks = _checks(spec, found)
+    count = sum(r.area >= MIN_AREA for r in regions) == len(spec.objects)
+    return Verdict(caption=caption or spec.caption(), background=None if spec.background is None
+                   else background == spec.background, count=count, detections=found, **checks)
+
+
+def judge_video(frames, caption: str) -> Verdict:
+    """Check a video ([F, H, W, 3]) against a caption: every stated attribute by majority over the
+    frames, and the motion by the object's travel from the first frame to the last."""
+    spec = parse_caption(caption)
+    verdicts = [judge_spec(frame, spec, caption) for frame in frames]
+    votes = {}
+    for name in ATTRIBUTES[:-1]:
+        values = [getattr(v, name) for v in verdicts if getattr(v, name) is not None]
+        votes[name] = sum(values) * 2 > len(values) if values else None
+    motion = None
+    if spec.motion is not None:
+        first, last = verdicts[0].detections[0], verdicts[-1].detections[0]
+        motion = first is not None and last is not None and _moved(first, last, spec.motion)
+    return Verdict(caption=caption, motion=motion, detections=verdicts[0].detections, **votes)
+
+
+def _moved(first: Detection, last: Detection, direction: str) -> bool:
+    dx, dy = last.cx - first.cx, last.cy - first.cy
+    along, across = {"right": (dx, dy), "left": (-dx, dy), "down": (dy, dx), "up": (-dy, dx)}[direction]
+    return along >= MIN_TRAVEL and along > abs(across)
+
+
+def as_uint8_image(image) -> np.ndarray:
+    """uint8 [H, W, 3] from uint8 or float-in-[0, 1] pixels, channels last or first."""
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = image.transpose(1, 2, 0)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"an image must be [H, W, 3] or [3, H, W], not {list(image.shape)}")
+    if image.dtype != np.uint8:
+        image = np.rint(np.clip(image.astype(np.float32), 0, 1) * 255).astype(np.uint8)
+    return image
+
+
+def segment(image: np.ndarray) -> tuple[str, list[Detection]]:
+    """The background's palette name and the image's regions of one object colour, largest first."""
+    height, width = image.shape[:2]
+    pixels = image.astype(np.float32)
+    ring = max(1, min(height, width) // 32)
+    border = np.concatenate([pixels[:ring].reshape(-1, 3), pixels[-ring:].reshape(-1, 3),
+                             pixels[:, :ring].reshape(-1, 3), pixels[:, -ring:].reshape(-1, 3)])
+    measured_bg = np.median(border, axis=0)
+    background = _NAMES[int(np.argmin(np.linalg.norm(_COLOURS - measured_bg, axis=1)))]
+
+    colours = np.concatenate([_COLOURS, measured_bg[None]])       # the measured background is a class too
+    distances = np.linalg.norm(pixels[:, :, None, :] - colours, axis=-1)
+    nearest = np.argmin(distances, axis=-1)
+    two = np.partition(distances, 1, axis=-1)
+    label = np.where(two[..., 0] < CONFIDENCE * two[..., 1], nearest, -1)
+
+    regions = []
+    for k, name in enumerate(_NAMES):
+        if name not in OBJECT_COLOURS or name == background:
+            continue
+        components, count = ndimage.label(label == k, structure=np.ones((3, 3)))
+        for index in range(1, count + 1):
+            mask = components == index
+            if mask.sum() >= 0.2 * MIN_AREA * height * width:
+                alpha = _coverage(pixels, mask, label, k, measured_bg)
+                regions.append(_measure(name, alpha))
+    return background, sorted(regions, key=lambda r: -r.area)
+
+
+def _coverage(pixels: np.ndarray, mask: np.ndarray, label: np.ndarray, k: int, bg: np.ndarray) -> np.ndarray:
+    """Soft coverage of one region: each pixel's position on the line from the background colour
+    to the region's colour, over the region grown by one pixel (its soft edge), 0 elsewhere."""
+    colour = np.median(pixels[mask], axis=0)
+    grown = ndimage.binary_dilation(mask, structure=np.ones((3, 3))) & ((label == k) | (label == -1) | mask)
+    direction = colour - bg
+    alpha = ((pixels - bg) @ direction) / max(float(direction @ direction), 1.0)
+    return np.where(grown, np.clip(alpha, 0, 1), 0).astype(np.float32)
+
+
+def _measure(colour: str, alpha: np.ndarray) -> Detection:
+    height, width = alpha.shape
+    columns, rows = alpha.max(axis=0), alpha.max(axis=1)          # soft silhouettes along x and y
+    w, h = float(columns.sum()), float(rows.sum())
+    area = float(alpha.sum())
+    cx = float((columns * (np.arange(width) + 0.5)).sum() / w) / width
+    cy = float((rows * (np.arange(height) + 0.5)).sum() / h) / height
+    skew = max(abs(_skewness(alpha.sum(axis=1))), abs(_skewness(alpha.sum(axis=0))))
+    fill = area / max(w * h, 1e-6)
+    extent = max(w / width, h / height)
+    shape = min(SHAPE_PROTOTYPES, key=lambda s: np.hypot(fill - SHAPE_PROTOTYPES[s][0],
+                                                          SKEW_WEIGHT * (skew - SHAPE_PROTOTYPES[s][1])))
+    size = "large" if extent >= SIZE_THRESHOLD else "small"
+    return Detection(colour, shape, size, cx, cy, extent, fill, skew, area / (height * width))
+
+
+def _skewness(profile: np.ndarray) -> float:
+    positions = np.arange(len(profile), dtype=np.float64)
+    total = profile.sum()
+    mean = (profile * positions).sum() / total
+    var = (profile * (positions - mean) ** 2).sum() / total
+    return float((profile * (positions - mean) ** 3).sum() / total / max(var, 1e-9) ** 1.5)
+
+
+# -- matching the caption's objects to regions -------------------------------------------------
+
+def _match(spec: SceneSpec, regions: list[Detection], background: str) -> tuple[Detection | None, ...]:
+    """The regions to take for the caption's objects: the assignment with the most colours right,
+    then the most attributes right, then the largest regions (None where regions run out)."""
+    candidates = [r for r in regions if r.area >= MIN_AREA][:MAX_CANDIDATES]
+    n = len(spec.objects)
+    if len(candidates) < n:
+        candidates = candidates + [None] * (n - len(candidates))
+
+    def score(found):
+        checks = _checks(spec, found)
+        colours = sum(f is not None and f.colour == o.colour for f, o in zip(found, spec.objects))
+        return colours, sum(v is True for v in checks.values()), sum(f.area for f in found if f is not None)
+
+    return max(permutations(candidates, n), key=score)
+
+
+def _checks(spec: SceneSpec, found: tuple[Detection | None, ...]) -> dict[str, bool | None]:
+    def every(test, objects=spec.objects):
+        pairs = [(f, o) for f, o in zip(found, spec.objects) if o in objects]
+        return all(f is not None and test(f, o) for f, o in pairs) if pairs else None
+
+    checks = {
+        "colour": every(lambda f, o: f.colour == o.colour),
+        "shape": every(lambda f, o: f.shape == o.shape),
+        "size": every(lambda f, o: f.size == o.size, [o for o in spec.objects if o.size is not None]),
+        "position": None,
+        "relation": None,
+    }
+    if spec.position is not None:
+        checks["position"] = found[0] is not None and _in_position(found[0], spec.position)
+    if spec.relation is not None:
+        checks["relation"] = None not in found and _related(found[0], found[1], spec.relation)
+    return checks
+
+
+def _in_position(d: Detection, position: str) -> bool:
+    third = 1 / 3
+    return {"left": d.cx < third, "right": d.cx > 1 - third, "top": d.cy < third, "bottom": d.cy > 1 - third,
+            "centre": third <= d.cx <= 1 - third and third <= d.cy <= 1 - third}[position]
+
+
+def _related(a: Detection, b: Detection, relation: str) -> bool:
+    return {"above": a.cy < b.cy, "below": a.cy > b.cy, "left of": a.cx < b.cx, "right of": a.cx > b.cx}[relation]
+
+
+# -- many images -------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    correct: int = 0
+    stated: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.stated if self.stated else None
+
+
+@dataclass
+class GroupTally:
+    """Judged prompts of one kind: how many, how many wholly right, and per attribute."""
+
+    prompts: int = 0
+    all_correct: int = 0
+    attributes: dict[str, Tally] = field(default_factory=lambda: {name: Tally() for name in ATTRIBUTES})
+
+    def add(self, verdict: Verdict) -> None:
+        self.prompts += 1
+        self.all_correct += verdict.all_correct
+        for name, value in verdict.attributes().items():
+            if value is not None:
+                self.attributes[name].stated += 1
+                self.attributes[name].correct += bool(value)
+
+
+@dataclass
+class JudgeReport:
+    """Accuracy per attribute over the prompts that state it, for single-object prompts, two-object
+    prompts and all; plus the prompts the judge could not read (caption, reason)."""
+
+    groups: dict[str, GroupTally] = field(default_factory=lambda: {g: GroupTally() for g in ("single", "two", "all")})
+    unparseable: list[tuple[str, str]] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    def add(self, verdict: Verdict, objects: int) -> None:
+        self.verdicts.append(verdict)
+        self.groups["single" if objects == 1 else "two"].add(verdict)
+        self.groups["all"].add(verdict)
+
+    def accuracy(self, attribute: str, group: str = "all") -> float | None:
+        return self.groups[group].attributes[attribute].accuracy
+
+    def all_correct_rate(self, group: str = "all") -> float | None:
+        tally = self.groups[group]
+        return tally.all_correct / tally.prompts if tally.prompts else None
+
+    def rows(self) -> list[tuple]:
+        """Table rows (REPORT_COLUMNS): every stated attribute, then 'all correct', per group."""
+        rows = []
+        for group, tally in self.groups.items():
+            if not tally.prompts:
+                continue
+            for name, t in tally.attributes.items():
+                if t.stated:
+                    rows.append((group, name, t.correct, t.stated, t.accuracy))
+            rows.append((group, "all correct", tally.all_correct, tally.prompts, self.all_correct_rate(group)))
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": {group: {"prompts": t.prompts, "all_correct": self.all_correct_rate(group),
+                               "attributes": {name: {**asdict(a), "accuracy": a.accuracy}
+                                              for name, a in t.attributes.items() if a.stated}}
+                       for group, t in self.groups.items()},
+            "unparseable": [{"caption": c, "reason": r} for c, r in self.unparseable],
+        }
+
+
+def judge_many(images: Iterable, captions: Iterable[str]) -> JudgeReport:
+    """Judge every (image, caption) pair; unreadable captions are listed in the report, not judged."""
+    images, captions = list(images), list(captions)
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions; pass one caption per image")
+    report = JudgeReport()
+    for image, caption in zip(images, captions):
+        try:
+            spec = parse_caption(caption)
+        except ValueError as exc:
+            report.unparseable.append((caption, str(exc)))
+            continue
+        report.add(judge_spec(image, spec, caption), len(spec.objects))
+    return report

@@ -1,0 +1,235 @@
+"""Pixel U-Nets predicting x_0: the base text-to-image model and the super-resolution model.
+
+The paper's backbone follows Imagen (Sec. 4.1): a base diffusion model (ADM, Nichol &
+Dhariwal 2021) at 64x64 and an "Efficient U-Net" super-resolution model 64 -> 256, both
+conditioned on the full sequence of text embeddings through cross-attention at several
+resolutions. The network is the denoiser f_theta(x_t, c, t) = x0_hat of Eq. 6.
+
+Initialisation: each residual branch (second conv of a ResBlock, the output projections of
+attention and MLP) is zero-initialised (ADM), so every block starts as its skip path. The
+final conv is NOT zero-initialised: under x0-prediction a zero output would make x0_hat
+independent of x_t, c and t at the start, whereas the skip paths already carry x_t to the
+output; training then learns the corrections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.models.layers import (Downsample, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample,
+                                   batch_timesteps, group_norm)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a `UNet`; every field is JSON-serialisable (lists become tuples).
+
+    `efficient` selects Imagen's Efficient U-Net layout: each level but the last downsamples
+    *before* its residual blocks (so no block runs at full resolution; a final block joins the
+    full-resolution stem), used with `scale_skip` (skips scaled by 2**-0.5), more blocks at low
+    resolution and attention only at the lowest level. `lowres_cond` makes a super-resolution
+    net: it concatenates the upsampled low-resolution image to x_t and embeds its
+    noise-augmentation level. `heads` is the head count at every attention site unless
+    `head_dim` > 0, which fixes the head width instead (heads = channels // head_dim).
+    """
+
+    image_size: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int | tuple[int, ...] = 2
+    attention_levels: tuple[int, ...] = (1, 2, 3)
+    heads: int = 4
+    head_dim: int = 0
+    text_dim: int = 512
+    pooled_dim: int = 512
+    dropout: float = 0.0
+    timesteps: int = 1000
+    lowres_cond: bool = False
+    efficient: bool = False
+    scale_skip: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
+        set_(self, "attention_levels", tuple(int(a) for a in self.attention_levels))
+        levels = len(self.channel_mults)
+        if levels == 0 or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be non-empty positive ints, got {self.channel_mults}")
+        blocks = self.num_res_blocks
+        blocks = (int(blocks),) * levels if isinstance(blocks, int) else tuple(int(n) for n in blocks)
+        set_(self, "num_res_blocks", blocks)
+        if len(blocks) != levels or min(blocks) < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, one per level ({levels}), got {self.num_res_blocks}")
+        if min(self.image_size, self.in_channels, self.out_channels, self.base_channels,
+               self.text_dim, self.pooled_dim, self.timesteps, self.heads) < 1 or self.head_dim < 0:
+            raise ValueError(f"sizes, dims, heads and timesteps must be positive: {self}")
+        if self.image_size % self.downsample_factor:
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2**(levels-1) = "
+                             f"{self.downsample_factor}")
+        if any(not 0 <= a < levels for a in self.attention_levels):
+            raise ValueError(f"attention_levels {self.attention_levels} must lie in 0..{levels - 1}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for level in sorted(set(self.attention_levels) | {levels - 1}):
+            self.attention_heads(self.base_channels * self.channel_mults[level])
+
+    @property
+    def downsample_factor(self) -> int:
+        """Total spatial reduction; input sides must be multiples of it."""
+        return 2 ** (len(self.channel_mults) - 1)
+
+    def attention_heads(self, channels: int) -> tuple[int, int]:
+        """(heads, head_dim) for an attention site with `channels` channels."""
+        head_dim = self.head_dim or channels // self.heads
+        if head_dim == 0 or channels % head_dim or (not self.head_dim and channels % self.heads):
+            raise ValueError(f"{channels} channels cannot be split into heads (heads={self.heads}, "
+                             f"head_dim={self.head_dim})")
+        return channels // head_dim, head_dim
+
+
+class _Unit(nn.Module):
+    """One ResBlock, followed by a self+cross-attention SpatialTransformer at attention levels."""
+
+    def __init__(self, config: UNetConfig, in_channels: int, out_channels: int, emb_dim: int, attention: bool):
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, emb_dim, config.dropout)
+        self.attn = (SpatialTransformer(out_channels, *config.attention_heads(out_channels), config.text_dim)
+                     if attention else None)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.res(h, emb)
+        return h if self.attn is None else self.attn(h, context, mask)
+
+
+class _Level(nn.Module):
+    """The units of one resolution level, with the resampling before and after them."""
+
+    def __init__(self, pre: nn.Module, units: list[_Unit], post: nn.Module):
+        super().__init__()
+        self.pre, self.units, self.post = pre, nn.ModuleList(units), post
+
+
+class UNet(nn.Module):
+    """ADM/Imagen U-Net f_theta(x_t, c, t) -> x0_hat with text cross-attention (paper Sec. 4.1).
+
+    The pooled text embedding (and, for super-resolution, the augmentation level) is added to
+    the timestep embedding that drives every ResBlock's scale/shift; the token sequence enters
+    through cross-attention with `cond.mask` as key padding mask at `attention_levels` and in
+    the middle block.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        c = self.config = config
+        levels = len(c.channel_mults)
+        emb_dim = 4 * c.base_channels
+        self.time_embed = TimestepEmbedding(emb_dim, scale=1000.0 / c.timesteps)
+        self.pooled_embed = nn.Sequential(nn.LayerNorm(c.pooled_dim), nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(),
+                                          nn.Linear(emb_dim, emb_dim))
+        self.lowres_embed = TimestepEmbedding(emb_dim, scale=1000.0) if c.lowres_cond else None
+        self.skip_scale = 2 ** -0.5 if c.scale_skip else 1.0
+
+        stem_in = 2 * c.in_channels if c.lowres_cond else c.in_channels
+        self.conv_in = nn.Conv2d(stem_in, c.base_channels, 3, padding=1)
+        ch, skip_channels = c.base_channels, []
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(c.channel_mults):
+            out, last = c.base_channels * mult, i == levels - 1
+            pre = Downsample(ch) if c.efficient and not last else nn.Identity()
+            skip_channels.append(ch)
+            units = []
+            for _ in range(c.num_res_blocks[i]):
+                units.append(_Unit(c, ch, out, emb_dim, i in c.attention_levels))
+                ch = out
+                skip_channels.append(ch)
+            post = Downsample(ch) if not c.efficient and not last else nn.Identity()
+            self.down.append(_Level(pre, units, post))
+
+        self.mid = nn.ModuleList([_Unit(c, ch, ch, emb_dim, attention=True), _Unit(c, ch, ch, emb_dim, False)])
+
+        self.up = nn.ModuleList()
+        for i in reversed(range(levels)):
+            out = c.base_channels * c.channel_mults[i]
+            units = []
+            for _ in range(c.num_res_blocks[i] + 1):
+                units.append(_Unit(c, ch + skip_channels.pop(), out, emb_dim, i in c.attention_levels))
+                ch = out
+            upsample = i < levels - 1 if c.efficient else i > 0
+            self.up.append(_Level(nn.Identity(), units, Upsample(ch) if upsample else nn.Identity()))
+
+        self.final = _Unit(c, ch + c.base_channels, ch, emb_dim, False) if c.efficient else None
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+    def _run(self, unit: _Unit, *args: torch.Tensor) -> torch.Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(unit, *args, use_reentrant=False)
+        return unit(*args)
+
+    def _check_inputs(self, x_t: torch.Tensor, lowres: torch.Tensor | None) -> None:
+        c = self.config
+        if x_t.ndim != 4 or x_t.shape[1] != c.in_channels:
+            raise ValueError(f"x_t must be [B, {c.in_channels}, H, W], got {tuple(x_t.shape)}")
+        if x_t.shape[2] % c.downsample_factor or x_t.shape[3] % c.downsample_factor:
+            raise ValueError(f"x_t sides {tuple(x_t.shape[2:])} must be multiples of {c.downsample_factor}")
+        if c.lowres_cond and (lowres is None or lowres.shape != x_t.shape):
+            got = None if lowres is None else tuple(lowres.shape)
+            raise ValueError(f"this super-resolution U-Net needs `lowres` upsampled to {tuple(x_t.shape)}, got {got}")
+        if not c.lowres_cond and lowres is not None:
+            raise ValueError("`lowres` given to a U-Net built without lowres_cond")
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: TextCondition,
+                lowres: torch.Tensor | None = None, lowres_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict x_0 from x_t at paper steps `t` (1..T) under the text condition `cond`.
+
+        Super-resolution nets take `lowres`, the low-resolution image already upsampled to
+        x_t's size (and noise-augmented by the pipeline), and `lowres_t`, the augmentation
+        level in [0, 1] per sample (None: 0, no augmentation).
+        """
+        self._check_inputs(x_t, lowres)
+        batch = x_t.shape[0]
+        emb = self.time_embed(batch_timesteps(t, batch, x_t.device)) + self.pooled_embed(cond.pooled)
+        if self.lowres_embed is not None:
+            level = torch.zeros(batch, device=x_t.device) if lowres_t is None else batch_timesteps(lowres_t, batch, x_t.device)
+            emb = emb + self.lowres_embed(level)
+            x_t = torch.cat([x_t, lowres], dim=1)
+        context, mask = cond.tokens, cond.mask
+
+        h = stem = self.conv_in(x_t)
+        skips = []
+        for level in self.down:
+            h = level.pre(h)
+            skips.append(h)
+            for unit in level.units:
+                h = self._run(unit, h, emb, context, mask)
+                skips.append(h)
+            h = level.post(h)
+        for unit in self.mid:
+            h = self._run(unit, h, emb, context, mask)
+        for level in self.up:
+            for unit in level.units:
+                h = self._run(unit, torch.cat([h, skips.pop() * self.skip_scale], dim=1), emb, context, mask)
+            h = level.post(h)
+        if self.final is not None:
+            h = self._run(self.final, torch.cat([h, stem * self.skip_scale], dim=1), emb, context, mask)
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {}
+
+
+def build_unet(name_or_config: str | UNetConfig) -> UNet:
+    """Build a U-Net from a preset name in `UNET_PRESETS` or from a config."""
+    if isinstance(name_or_config, UNetConfig):
+        return UNet(name_or_config)
+    if name_or_config not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset {name_or_config!r}; choose one of {sorted(UNET_PRESETS)}")
+    return UNet(UNET_PRESETS[name_or_config])
