@@ -183,7 +183,10 @@ def _post_init_error(path: str, cls: type, message: str, names: list[str]) -> Us
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
-    """Build dataclass `cls` from `data`, checking keys and types; `path` prefixes error keys."""
+    """Build dataclass `cls` from `data`, checking keys and types; `path` prefixes error keys.
+
+    None (an empty YAML section) gives the defaults; keys left out take their defaults.
+    """
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

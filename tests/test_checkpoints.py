@@ -276,7 +276,7 @@ def test_latest_checkpoint_is_none_without_states(tmp_path):
     assert latest_checkpoint(tmp_path / "absent") is None
 
 
-def test_training_state_temp_files_do_not_count_as_checkpoints(tmp_path, monkeypatch):
+def test_interrupted_training_state_save_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
     save_training_state(training_state_path(tmp_path, 1), {"step": 1})
     monkeypatch.setattr(checkpoints.os, "replace", lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):

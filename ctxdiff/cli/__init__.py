@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ctxdiff.cli import evaluate, generate, shapes, train  # noqa: F401  (registers the subcommands)
 from ctxdiff.cli.app import app, options
 from ctxdiff.errors import CtxdiffError
 
@@ -11,31 +12,19 @@ __all__ = ["app", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user-facing failures print one line and exit 1 (2 for usage), no traceback."""
+    """Run the CLI. A `CtxdiffError` prints one line and exits 1 (2 for usage); click's own usage
+    errors exit 2; `--debug` shows the traceback instead."""
     from ctxdiff.cli.output import error
 
     try:
-        app(args=argv, prog_name="ctxdiff", standalone_mode=False)
+        app(args=argv, prog_name="ctxdiff", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except CtxdiffError as exc:
         if options().debug:
             raise
         error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        error("interrupted")
-        return 130
-    except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            error("aborted")
-            return 1
-        raise
     return 0
 
 

@@ -46,6 +46,8 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 PALETTE: dict[str, tuple[int, int, int]] = {**OBJECT_COLOURS, **BACKGROUND_COLOURS}
 SHAPES = ("circle", "square", "triangle", "cross")
+SHAPE_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9}    # area / extent^2
+SHAPE_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0}  # (centroid - cy) / extent
 SIZES: dict[str, float] = {"small": 0.24, "large": 0.42}   # extent, as a fraction of the image side
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 RELATIONS = ("above", "below", "left of", "right of")
@@ -353,21 +355,24 @@ def _place_pair(extent_a: float, extent_b: float, relation: str | None,
 
 # -- rendering ---------------------------------------------------------------------------------
 
-def coverage(obj: ShapeObject, size: int) -> np.ndarray:
-    """The fraction of every pixel the object covers, float32 [size, size], from
-    SUPERSAMPLE x SUPERSAMPLE exact point tests per pixel."""
-    points = (np.arange(size * SUPERSAMPLE, dtype=np.float32) + 0.5) / (size * SUPERSAMPLE)
-    x, y = points[None, :] - obj.cx, points[:, None] - obj.cy
-    half = obj.extent / 2
-    if obj.shape == "circle":
+def shape_coverage(shape: str, cx: float, cy: float, extent: float, size: int,
+                   supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """The fraction of every pixel a shape covers, float32 [size, size], from supersample x
+    supersample exact point tests per pixel. (cx, cy): the centre of its bounding box."""
+    points = (np.arange(size * supersample, dtype=np.float32) + 0.5) / (size * supersample)
+    x, y = points[None, :] - cx, points[:, None] - cy
+    half = extent / 2
+    if shape == "circle":
         inside = x * x + y * y <= half * half
-    elif obj.shape == "square":
+    elif shape == "square":
         inside = (np.abs(x) <= half) & (np.abs(y) <= half)
-    elif obj.shape == "triangle":      # apex up, base at the bottom, as wide as it is high
+    elif shape == "triangle":          # apex up, base at the bottom, as wide as it is high
         inside = (y <= half) & (np.abs(x) <= (y + half) / 2)
-    else:                              # cross: arms a third of the extent wide
+    elif shape == "cross":             # arms a third of the extent wide
         inside = ((np.abs(x) <= half / 3) & (np.abs(y) <= half)) | ((np.abs(x) <= half) & (np.abs(y) <= half / 3))
-    return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3), dtype=np.float32)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; shapes are {', '.join(SHAPES)}")
+    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3), dtype=np.float32)
 
 
 def render_scene(scene: Scene, size: int = 64) -> np.ndarray:
@@ -375,7 +380,7 @@ def render_scene(scene: Scene, size: int = 64) -> np.ndarray:
     image = np.empty((size, size, 3), np.float32)
     image[:] = BACKGROUND_COLOURS[scene.background]
     for obj in scene.objects:
-        alpha = coverage(obj, size)[..., None]
+        alpha = shape_coverage(obj.shape, obj.cx, obj.cy, obj.extent, size)[..., None]
         image = image * (1 - alpha) + np.asarray(OBJECT_COLOURS[obj.colour], np.float32) * alpha
     return np.rint(image).astype(np.uint8)
 

@@ -3,13 +3,14 @@
 `x0_fn(x_t, cond, t) -> x0_hat` is the denoiser and `adapter(x0, cond, t) -> r` the context-aware
 adapter (None: r = 0). `timesteps` are paper steps: decreasing and ending at 0 for sampling
 (see `timesteps_for`), increasing for inversion. `callback(step=, t=, x=, x0_hat=)` runs after
-every step; `progress` is any object with an `advance()` method (the CLI passes a rich bar).
+every step; `progress` is any object with an `advance()` method (the CLI passes a rich bar). `generator`
+is a torch.Generator or a list of them, one per sample.
 """
 
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -66,7 +67,7 @@ def _report(callback, progress, **state):
 
 @torch.no_grad()
 def sample_ddim(x0_fn: Callable, x_T: torch.Tensor, timesteps: list[int], sched: Schedule, *,
-                adapter=None, cond=None, eta: float = 0.0, generator: Optional[torch.Generator] = None,
+                adapter=None, cond=None, eta: float = 0.0, generator=None,
                 callback=None, progress=None) -> torch.Tensor:
     """Context-aware DDIM sampling (Eq. 11; eta > 0 gives Eq. 9) along decreasing `timesteps`."""
     x = x_T
@@ -80,7 +81,7 @@ def sample_ddim(x0_fn: Callable, x_T: torch.Tensor, timesteps: list[int], sched:
 
 @torch.no_grad()
 def sample_ddpm(x0_fn: Callable, x_T: torch.Tensor, timesteps: list[int], sched: Schedule, *,
-                adapter=None, cond=None, variance: str = "posterior", generator: Optional[torch.Generator] = None,
+                adapter=None, cond=None, variance: str = "posterior", generator=None,
                 callback=None, progress=None) -> torch.Tensor:
     """Context-aware ancestral sampling (Eq. 7). Strided timesteps use Eq. 9 with eta = 1, which
     equals Eq. 3 for consecutive steps (Lemma 2), so any `timesteps_for` list works."""
@@ -126,5 +127,10 @@ def _batch(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def _noise_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like x. `generator` may be a list with one generator per
+    sample, which makes each sample independent of the batch it is drawn in."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                            for g in generator]).to(x.device)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -24,7 +24,8 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage
 
-from ctxdiff.data.shapes import OBJECT_COLOURS, PALETTE, SIZES, SceneSpec, parse_caption
+from ctxdiff.data.shapes import (OBJECT_COLOURS, PALETTE, SHAPE_CENTROID_DROP, SHAPE_FILL, SHAPES, SIZES, SceneSpec,
+                                 parse_caption, shape_coverage)
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count", "motion")
 REPORT_COLUMNS = ("prompts", "attribute", "correct", "stated", "accuracy")
@@ -33,8 +34,7 @@ CONFIDENCE = 0.6         # a pixel takes its nearest palette colour when nearer 
 MIN_AREA = 0.005         # regions smaller than this fraction of the image are noise
 MAX_CANDIDATES = 6       # the largest regions considered as the caption's objects
 SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
-SHAPE_PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 0.0), "triangle": (0.5, 0.566), "cross": (5 / 9, 0.0)}
-SKEW_WEIGHT = 0.5        # skewness counts half as much as fill in the distance to a prototype
+TEMPLATE_SUPERSAMPLE = 2
 MIN_TRAVEL = 0.15        # a moving object's centre travels at least this far along its direction
 
 _NAMES = list(PALETTE)
@@ -50,10 +50,9 @@ class Detection:
     size: str
     cx: float
     cy: float
-    extent: float
-    fill: float
-    skew: float
-    area: float
+    extent: float      # of the drawn shape that fits best, as a fraction of the image side
+    area: float        # soft coverage, as a fraction of the image
+    mismatch: float    # L1 distance to that shape, relative to the area (0: exactly it)
 
 
 @dataclass(frozen=True)
@@ -149,51 +148,48 @@ def segment(image: np.ndarray) -> tuple[str, list[Detection]]:
     two = np.partition(distances, 1, axis=-1)
     label = np.where(two[..., 0] < CONFIDENCE * two[..., 1], nearest, -1)
 
+    object_classes = [k for k, name in enumerate(_NAMES) if name in OBJECT_COLOURS and name != background]
+    objects = np.isin(label, object_classes)
     regions = []
-    for k, name in enumerate(_NAMES):
-        if name not in OBJECT_COLOURS or name == background:
-            continue
+    for k in object_classes:
         components, count = ndimage.label(label == k, structure=np.ones((3, 3)))
         for index in range(1, count + 1):
             mask = components == index
             if mask.sum() >= 0.2 * MIN_AREA * height * width:
-                alpha = _coverage(pixels, mask, label, k, measured_bg)
-                regions.append(_measure(name, alpha))
+                alpha = _coverage(pixels, mask, objects & (label != k), measured_bg)
+                regions.append(_measure(_NAMES[k], alpha))
     return background, sorted(regions, key=lambda r: -r.area)
 
 
-def _coverage(pixels: np.ndarray, mask: np.ndarray, label: np.ndarray, k: int, bg: np.ndarray) -> np.ndarray:
+def _coverage(pixels: np.ndarray, mask: np.ndarray, other_objects: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """Soft coverage of one region: each pixel's position on the line from the background colour
-    to the region's colour, over the region grown by one pixel (its soft edge), 0 elsewhere."""
+    to the region's colour, over the region grown by one pixel (its soft edge) but not into other
+    objects' pixels, 0 elsewhere."""
     colour = np.median(pixels[mask], axis=0)
-    grown = ndimage.binary_dilation(mask, structure=np.ones((3, 3))) & ((label == k) | (label == -1) | mask)
+    grown = ndimage.binary_dilation(mask, structure=np.ones((3, 3))) & ~other_objects
     direction = colour - bg
     alpha = ((pixels - bg) @ direction) / max(float(direction @ direction), 1.0)
     return np.where(grown, np.clip(alpha, 0, 1), 0).astype(np.float32)
 
 
 def _measure(colour: str, alpha: np.ndarray) -> Detection:
-    height, width = alpha.shape
+    """Centre from the soft silhouettes; shape: the drawn shape (scaled to the region's area,
+    placed at its centroid) that differs least from the coverage; size from that shape's extent."""
+    n = alpha.shape[0]
     columns, rows = alpha.max(axis=0), alpha.max(axis=1)          # soft silhouettes along x and y
-    w, h = float(columns.sum()), float(rows.sum())
-    area = float(alpha.sum())
-    cx = float((columns * (np.arange(width) + 0.5)).sum() / w) / width
-    cy = float((rows * (np.arange(height) + 0.5)).sum() / h) / height
-    skew = max(abs(_skewness(alpha.sum(axis=1))), abs(_skewness(alpha.sum(axis=0))))
-    fill = area / max(w * h, 1e-6)
-    extent = max(w / width, h / height)
-    shape = min(SHAPE_PROTOTYPES, key=lambda s: np.hypot(fill - SHAPE_PROTOTYPES[s][0],
-                                                          SKEW_WEIGHT * (skew - SHAPE_PROTOTYPES[s][1])))
+    positions = (np.arange(n) + 0.5) / n
+    cx, cy = float(columns @ positions / columns.sum()), float(rows @ positions / rows.sum())
+    area = float(alpha.sum()) / (n * n)
+    mass_x, mass_y = float(alpha.sum(axis=0) @ positions) / (area * n * n), float(alpha.sum(axis=1) @ positions) / (area * n * n)
+    fits = {}
+    for shape in SHAPES:
+        extent = float(np.sqrt(area / SHAPE_FILL[shape]))
+        template = shape_coverage(shape, mass_x, mass_y - SHAPE_CENTROID_DROP[shape] * extent, extent, n, TEMPLATE_SUPERSAMPLE)
+        fits[shape] = (float(np.abs(alpha - template).sum()) / (area * n * n), extent)
+    shape = min(fits, key=lambda s: fits[s][0])
+    mismatch, extent = fits[shape]
     size = "large" if extent >= SIZE_THRESHOLD else "small"
-    return Detection(colour, shape, size, cx, cy, extent, fill, skew, area / (height * width))
-
-
-def _skewness(profile: np.ndarray) -> float:
-    positions = np.arange(len(profile), dtype=np.float64)
-    total = profile.sum()
-    mean = (profile * positions).sum() / total
-    var = (profile * (positions - mean) ** 2).sum() / total
-    return float((profile * (positions - mean) ** 3).sum() / total / max(var, 1e-9) ** 1.5)
+    return Detection(colour, shape, size, cx, cy, extent, area, mismatch)
 
 
 # -- matching the caption's objects to regions -------------------------------------------------

@@ -188,6 +188,12 @@ def _tokenizer() -> open_clip.SimpleTokenizer:
     return open_clip.SimpleTokenizer()
 
 
+def vocab_id(token: str | None) -> int | None:
+    """The id of a token string (transformers' special-token spellings included), None if unknown."""
+    special = {"<|endoftext|>": EOT_ID, "<|startoftext|>": EOT_ID - 1}
+    return special.get(token, _tokenizer().encoder.get(token))
+
+
 def tokenize(prompts: list[str], pad_token_id: int, context_length: int = 77) -> torch.Tensor:
     """open_clip's CLIP BPE; positions after the (first) end-of-text get `pad_token_id`."""
     ids = _tokenizer()(list(prompts), context_length=context_length)

@@ -1,0 +1,3 @@
+from ctxdiff.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,260 @@
+"""`ctxdiff evaluate`: FID / KID, CLIP score, video text alignment and temporal consistency, the
+shapes judge.
+
+Each metric is one function in METRICS: it takes the EvalRequest (every flag given) and returns
+a MetricResult (the JSON record and the table for people). A new metric is one more entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+import ctxdiff
+from ctxdiff.cli.app import app, options
+from ctxdiff.cli.output import emit_json, info, print_table
+from ctxdiff.errors import CtxdiffError, UsageError
+
+DEFAULT_CLIP = Path(ctxdiff.__file__).parent / "assets" / "shapes-clip.safetensors"
+
+
+@dataclass
+class EvalRequest:
+    """Everything `evaluate` was given; a metric takes what it needs through `need`."""
+
+    metric: str
+    real: Path | None = None
+    fake: Path | None = None
+    save_stats: Path | None = None
+    features: str = "inception"
+    images: Path | None = None
+    videos: list[Path] = field(default_factory=list)
+    prompts: Path | None = None
+    prompt: str | None = None
+    clip_arch: str = "ViT-B-32"
+    clip_weights: str | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+
+    def need(self, name: str, flag: str) -> Any:
+        value = getattr(self, name)
+        if value is None or value == []:
+            raise UsageError(f"--metric {self.metric} needs {flag}")
+        return value
+
+
+@dataclass
+class MetricResult:
+    """`record`: the JSON object (stdout with --json, --out); `columns`/`rows`: the table on stderr."""
+
+    record: dict
+    columns: list[str]
+    rows: list[tuple]
+
+
+def summary(record: dict) -> MetricResult:
+    """A two-column table of the record's scalar entries."""
+    rows = [(key, value) for key, value in record.items() if isinstance(value, (str, int, float))]
+    return MetricResult(record, ["quantity", "value"], rows)
+
+
+# -- the metrics ---------------------------------------------------------------------------------
+
+def _feature_stats(req: EvalRequest):
+    """(extractor, real stats, fake stats or None) for FID/KID; --save-stats writes the real stats."""
+    from ctxdiff.data.images import list_images
+    from ctxdiff.metrics.fid import dataset_stats, feature_extractor, save_stats
+
+    real = req.need("real", "--real DIR|STATS.npz")
+    if req.fake is None and req.save_stats is None:
+        raise UsageError(f"--metric {req.metric} needs --fake DIR (or only --save-stats PATH, to save "
+                         "the statistics of --real)")
+    if req.fake is not None:
+        list_images(req.fake, recursive=True)  # an empty --fake fails before the long extraction
+    extractor = feature_extractor(req.features, req.device)
+    info(f"{req.metric}: {extractor.name} features of {real}")
+    real_stats = dataset_stats(real, extractor, req.batch_size, req.device)
+    if req.save_stats is not None:
+        save_stats(req.save_stats, real_stats)
+        info(f"saved the statistics of {real} to {req.save_stats}")
+    if req.fake is None:
+        return extractor, real_stats, None
+    info(f"{req.metric}: {extractor.name} features of {req.fake}")
+    return extractor, real_stats, dataset_stats(req.fake, extractor, req.batch_size, req.device)
+
+
+def _distance_record(req: EvalRequest, extractor, real_stats, fake_stats, value: float | None) -> dict:
+    record = {"metric": req.metric, "features": extractor.name, "real": str(req.real),
+              "real_images": real_stats.count}
+    if req.save_stats is not None:
+        record["saved_stats"] = str(req.save_stats)
+    if fake_stats is not None:
+        record.update({"fake": str(req.fake), "fake_images": fake_stats.count, req.metric: value})
+    return record
+
+
+def fid_metric(req: EvalRequest) -> MetricResult:
+    from ctxdiff.metrics.fid import fid_between
+
+    extractor, real, fake = _feature_stats(req)
+    value = None if fake is None else fid_between(real, fake)
+    return summary(_distance_record(req, extractor, real, fake, value))
+
+
+def kid_metric(req: EvalRequest) -> MetricResult:
+    from ctxdiff.metrics.fid import kid_between
+
+    extractor, real, fake = _feature_stats(req)
+    value = None if fake is None else kid_between(real, fake, req.real)
+    return summary(_distance_record(req, extractor, real, fake, value))
+
+
+def _load_clip(req: EvalRequest):
+    from ctxdiff.models.encoders import ClipConfig, load_clip
+
+    weights = req.clip_weights
+    if weights is None:
+        if not DEFAULT_CLIP.is_file():
+            raise UsageError(f"no CLIP to score with: the bundled shapes CLIP ({DEFAULT_CLIP}) is not installed; "
+                             "pass --clip-weights FILE (an open_clip state dict or a ctxdiff clip bundle) "
+                             "and --clip-arch NAME")
+        weights = str(DEFAULT_CLIP)
+    return load_clip(ClipConfig(arch=req.clip_arch, weights=weights), req.device)
+
+
+def _clip_name(encoders) -> str:
+    return f"{encoders.config.arch} ({encoders.config.weights})"
+
+
+def _images_and_prompts(req: EvalRequest):
+    from ctxdiff.data.images import ImageFiles, list_images, prompts_for_images
+
+    paths = list_images(req.need("images", "--images DIR"))
+    return ImageFiles(paths), prompts_for_images(paths, req.prompts)
+
+
+def clip_score_metric(req: EvalRequest) -> MetricResult:
+    from ctxdiff.metrics.clip_score import clip_scores
+
+    images, prompts = _images_and_prompts(req)
+    encoders = _load_clip(req)
+    info(f"clip-score: {len(images)} images of {req.images} with CLIP {_clip_name(encoders)}")
+    scores = clip_scores(encoders, images, prompts, req.batch_size)
+    record = {"metric": req.metric, "images": str(req.images), "clip": _clip_name(encoders), **scores,
+              "files": [p.name for p in images.paths], "prompts": prompts}
+    return summary(record)
+
+
+def _video_prompts(req: EvalRequest, required: bool) -> list[str | None]:
+    """--prompt for every video, else line i of --prompts for video i, else each video's sidecar."""
+    from ctxdiff.data.images import read_prompt_lines
+    from ctxdiff.data.video import video_prompt
+
+    videos = req.videos
+    if req.prompt is not None:
+        return [req.prompt] * len(videos)
+    if req.prompts is not None:
+        prompts = read_prompt_lines(req.prompts)
+        if len(prompts) != len(videos):
+            raise CtxdiffError(f"{req.prompts}: {len(prompts)} prompts for {len(videos)} videos; "
+                               "give one prompt a line for each --videos, in order")
+        return prompts
+    prompts = [video_prompt(v) for v in videos]
+    missing = [v for v, p in zip(videos, prompts) if p is None]
+    if required and missing:
+        raise UsageError(f"--metric {req.metric}: no prompt for {missing[0]}; pass --prompt TEXT, "
+                         "--prompts FILE (one line a video) or a sidecar <video>.json with a \"prompt\"")
+    return prompts
+
+
+def _video_metric(req: EvalRequest, prompt_required: bool) -> MetricResult:
+    from ctxdiff.data.video import read_video
+    from ctxdiff.metrics.video import mean_over_videos, video_scores
+
+    videos = req.need("videos", "--videos PATH (a video file or a folder of frames; repeat the flag)")
+    prompts = _video_prompts(req, prompt_required)
+    encoders = _load_clip(req)
+    size = encoders.image_size  # frames are cropped to the CLIP's input as they are read
+    clips = [read_video(v, size=size) for v in videos]
+    info(f"{req.metric}: {len(clips)} videos with CLIP {_clip_name(encoders)}")
+    per_video = [{"video": str(v), "prompt": p, **video_scores(encoders, clip.frames, p, req.batch_size)}
+                 for v, p, clip in zip(videos, prompts, clips)]
+    means = mean_over_videos(per_video)
+    record = {"metric": req.metric, "clip": _clip_name(encoders), "videos": per_video,
+              **{f"mean_{k}": v for k, v in means.items()}}
+    keys = list(means)
+    rows = [(r["video"], r["frames"], *(r[k] for k in keys)) for r in per_video]
+    rows.append(("mean", sum(r["frames"] for r in per_video), *means.values()))
+    return MetricResult(record, ["video", "frames", *keys], rows)
+
+
+def text_alignment_metric(req: EvalRequest) -> MetricResult:
+    return _video_metric(req, prompt_required=True)
+
+
+def temporal_consistency_metric(req: EvalRequest) -> MetricResult:
+    return _video_metric(req, prompt_required=False)
+
+
+def shapes_metric(req: EvalRequest) -> MetricResult:
+    from ctxdiff.metrics.shapes_judge import REPORT_COLUMNS, judge_many
+
+    images, prompts = _images_and_prompts(req)
+    info(f"shapes: judging {len(images)} images of {req.images}")
+    report = judge_many(images, prompts)
+    record = {"metric": req.metric, "images": str(req.images), **report.to_dict()}
+    return MetricResult(record, ["group", *REPORT_COLUMNS[1:]], report.rows())
+
+
+METRICS: dict[str, Callable[[EvalRequest], MetricResult]] = {
+    "fid": fid_metric,
+    "kid": kid_metric,
+    "clip-score": clip_score_metric,
+    "text-alignment": text_alignment_metric,
+    "temporal-consistency": temporal_consistency_metric,
+    "shapes": shapes_metric,
+}
+
+
+def _device() -> str:
+    name = options().device
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command()
+def evaluate(
+    metric: str = typer.Option(..., "--metric", "-m", help=f"One of: {', '.join(METRICS)}."),
+    real: Path | None = typer.Option(None, "--real", help="FID/KID reference: a folder of images or a .npz of statistics."),
+    fake: Path | None = typer.Option(None, "--fake", help="FID/KID: the folder of generated images."),
+    save_stats: Path | None = typer.Option(None, "--save-stats", help="FID/KID: save the statistics of --real to this .npz."),
+    features: str = typer.Option("inception", "--features", help="FID/KID features: inception | clip:<arch>:<weights file>."),
+    images: Path | None = typer.Option(None, "--images", help="clip-score, shapes: the folder of images to score."),
+    videos: list[Path] | None = typer.Option(None, "--videos", help="text-alignment, temporal-consistency: a video file or folder of frames; repeat for more."),
+    prompts: Path | None = typer.Option(None, "--prompts", help="One prompt a line, per image (sorted file names) or per --videos; default: PNG 'prompt' chunks or sidecars."),
+    prompt: str | None = typer.Option(None, "--prompt", help="The prompt of every --videos."),
+    clip_arch: str = typer.Option("ViT-B-32", "--clip-arch", help="open_clip architecture of --clip-weights (a ctxdiff clip bundle names its own)."),
+    clip_weights: str | None = typer.Option(None, "--clip-weights", help="CLIP weights file; default: the bundled shapes CLIP."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the result JSON to this file."),
+) -> None:
+    """Score images or videos: FID/KID against reference images, CLIP score, video text alignment
+    and temporal consistency, or the shapes judge."""
+    if metric not in METRICS:
+        raise UsageError(f"unknown metric '{metric}'; use one of: {', '.join(METRICS)}")
+    request = EvalRequest(metric, real, fake, save_stats, features, images, list(videos or []), prompts,
+                          prompt, clip_arch, clip_weights, batch_size, _device())
+    result = METRICS[metric](request)
+    print_table(f"evaluate: {metric}", result.columns, result.rows)
+    emit_json(result.record)
+    if out is not None:
+        from ctxdiff.data.video import write_json_atomic
+
+        write_json_atomic(out, result.record)
+        info(f"wrote {out}")

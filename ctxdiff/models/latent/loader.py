@@ -1,0 +1,265 @@
+"""Load Stable Diffusion 1.x/2.x weights (CompVis single files, diffusers folders); write single files.
+
+`load_sd(path)` accepts
+  - a single file in the original CompVis layout: `.safetensors`, or `.ckpt`/`.pt` read with
+    torch.load(weights_only=True) (pickles that need code are refused). The architecture is read
+    from tensor shapes; EMA weights (`model_ema.*`) replace the U-Net's when present;
+  - a diffusers folder: model_index.json, unet/, vae/, text_encoder/ (config.json plus
+    .safetensors or .bin weights), scheduler/scheduler_config.json if present. tokenizer/ is not
+    needed: prompts are tokenised with open_clip's BPE, the same vocabulary.
+
+Prediction type, the rule (`prediction_type=` always wins, since keys cannot always tell):
+  - a file written by `save_compvis`: the type it was saved with;
+  - a diffusers folder: scheduler_config.json's `prediction_type` ("epsilon" if absent);
+  - a CompVis file: SD 1.x (768-wide context) predicts epsilon; SD 2.x (1024-wide OpenCLIP
+    context) is taken to be a 768-v model, v_prediction. SD 2.x *base* (512 px) checkpoints
+    predict epsilon and need prediction_type="epsilon".
+SDXL and other families are refused with a one-line error, as are VAE-only files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import safetensors
+import torch
+
+from ctxdiff.checkpoints import load_module_state, read_state_dict, save_bundle
+from ctxdiff.errors import CtxdiffError
+from ctxdiff.models.latent.convert import (
+    UNET_PREFIX, VAE_PREFIX, compvis_text_config, detect_text_config, detect_unet_config, detect_vae_config,
+    ema_key, text_from_compvis, to_compvis, unet_from_compvis, vae_from_compvis,
+)
+from ctxdiff.models.latent.text import LatentTextConfig, LatentTextEncoder, vocab_id
+from ctxdiff.models.latent.unet import LatentUNet, LatentUNetConfig
+from ctxdiff.models.latent.vae import LatentVAE, LatentVAEConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+_SAVED_KIND = "sd-compvis"
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                      "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """The noise schedule the model was trained with (SD 1.x/2.x: scaled_linear 0.00085..0.012, T = 1000)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+    def __post_init__(self):
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise CtxdiffError(f"beta_schedule {self.beta_schedule!r} is not supported; SD uses 'scaled_linear' "
+                               "(or 'linear')")
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar in paper indexing, float64 [T + 1]: abar[0] = 1, abar[t] for diffusers timestep tau = t - 1."""
+        t = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, t, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(self.beta_start, self.beta_end, t, dtype=torch.float64)
+        return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, dim=0)])
+
+
+@dataclass(frozen=True)
+class LatentSDConfig:
+    """The three architectures of a Stable Diffusion model."""
+
+    unet: LatentUNetConfig
+    vae: LatentVAEConfig
+    text: LatentTextConfig
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentSDConfig":
+        return cls(LatentUNetConfig(**d["unet"]), LatentVAEConfig(**d["vae"]), LatentTextConfig(**d["text"]))
+
+
+@dataclass
+class LatentModels:
+    """A loaded Stable Diffusion model: U-Net, VAE, text encoder, and how to drive them."""
+
+    unet: LatentUNet
+    vae: LatentVAE
+    text: LatentTextEncoder
+    config: LatentSDConfig
+    prediction_type: str  # "epsilon" or "v_prediction": what the U-Net outputs
+    scheduler: SchedulerInfo
+    used_ema: bool = False
+
+
+def load_sd(path: str | Path, *, prediction_type: str | None = None, use_ema: bool = True,
+            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentModels:
+    """Load an SD 1.x/2.x checkpoint (CompVis single file or diffusers folder); see the module doc."""
+    path = Path(path)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise CtxdiffError(f"prediction type {prediction_type!r} is not known; use one of {', '.join(PREDICTION_TYPES)}")
+    if path.is_dir():
+        return _load_diffusers(path, prediction_type, device, dtype)
+    return _load_single_file(path, prediction_type, use_ema, device, dtype)
+
+
+def save_compvis(path: str | Path, models: LatentModels) -> Path:
+    """Write the models as one CompVis-layout .safetensors file (atomically), configs in its metadata.
+
+    Other tools read it as an SD 1.x/2.x checkpoint; `load_sd` reads the exact configs back.
+    """
+    state = to_compvis(models.unet, models.vae, models.text)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        groups.setdefault(head, {})[rest] = value
+    config = replace(models.config, text=compvis_text_config(models.text.config))
+    saved = {**config.to_dict(), "prediction_type": models.prediction_type, "scheduler": asdict(models.scheduler)}
+    return save_bundle(path, groups, saved, kind=_SAVED_KIND)
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def _load_single_file(path: Path, prediction_type, use_ema, device, dtype) -> LatentModels:
+    state = read_state_dict(path)
+    _refuse_other_families(path, state)
+    saved = _saved_configs(path)
+    try:
+        if saved is not None:
+            config = LatentSDConfig.from_dict(saved)
+            prediction_type = prediction_type or saved["prediction_type"]
+            scheduler = SchedulerInfo(**saved["scheduler"])
+        else:
+            text_config = detect_text_config(state)
+            vae_config = detect_vae_config(state)
+            unet_config = detect_unet_config(state)
+            v2 = unet_config.cross_attention_dim == 1024
+            prediction_type = prediction_type or ("v_prediction" if v2 else "epsilon")
+            unet_config = replace(unet_config, sample_size=96 if prediction_type == "v_prediction" else 64)
+            config = LatentSDConfig(unet_config, vae_config, text_config)
+            scheduler = SchedulerInfo()
+        used_ema = False
+        if use_ema:
+            state, used_ema = _prefer_ema(state)
+        unet_state = unet_from_compvis(state, config.unet)
+        vae_state = vae_from_compvis(state, config.vae)
+        text_state = text_from_compvis(state, config.text)
+    except CtxdiffError as e:
+        raise CtxdiffError(f"{path}: {e}") from e
+    return LatentModels(
+        _build(LatentUNet, config.unet, unet_state, device, dtype, f"{path}: unet"),
+        _build(LatentVAE, config.vae, vae_state, device, dtype, f"{path}: vae"),
+        _build(LatentTextEncoder, config.text, text_state, device, dtype, f"{path}: text encoder"),
+        config, prediction_type, scheduler, used_ema)
+
+
+def _refuse_other_families(path: Path, state: dict[str, torch.Tensor]) -> None:
+    contexts = {v.shape[1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")}
+    if any(k.startswith("conditioner.embedders.") for k in state) or (
+            UNET_PREFIX + "label_emb.0.0.weight" in state and contexts & {1280, 2048}):
+        raise CtxdiffError(f"{path}: not supported: detected SDXL (conditioner.embedders.* / label_emb keys); "
+                           "ctxdiff loads Stable Diffusion 1.x and 2.x checkpoints")
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        if any(k.removeprefix(VAE_PREFIX) in ("encoder.conv_in.weight", "decoder.conv_in.weight") for k in state):
+            raise CtxdiffError(f"{path}: this is a VAE-only checkpoint; pass a full Stable Diffusion checkpoint")
+        raise CtxdiffError(f"{path}: no Stable Diffusion U-Net in it (no {UNET_PREFIX}* keys); "
+                           "pass a full SD 1.x/2.x checkpoint or a diffusers folder")
+
+
+def _saved_configs(path: Path) -> dict | None:
+    """The configs `save_compvis` stored in a .safetensors file's metadata, or None."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("kind") != _SAVED_KIND:
+        return None
+    try:
+        return json.loads(metadata["configs"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CtxdiffError(f"{path}: corrupt ctxdiff metadata ({e}); write the file again") from e
+
+
+def _prefer_ema(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The U-Net's weights replaced by their `model_ema.*` copies, if the file has them."""
+    unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
+    missing = [ema_key(k) for k in unet_keys if ema_key(k) not in state]
+    if len(missing) == len(unet_keys):
+        return state, False
+    if missing:
+        raise CtxdiffError(f"the EMA weights are incomplete ({len(missing)} missing, e.g. {missing[0]}); "
+                           "load with use_ema=False to use the training weights")
+    return {**state, **{k: state[ema_key(k)] for k in unet_keys}}, True
+
+
+def _build(cls, config, state: dict[str, torch.Tensor], device, dtype, what: str):
+    """`cls(config)` built without initialisation, then filled with `state` (names checked)."""
+    with torch.device("meta"):
+        model = cls(config).to(dtype)
+    model = model.to_empty(device=device)
+    load_module_state(model, state, what)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- diffusers folders
+
+
+def _load_diffusers(folder: Path, prediction_type, device, dtype) -> LatentModels:
+    index = _read_json(folder / "model_index.json", "a diffusers folder (with model_index.json)")
+    unet_json = _read_json(folder / "unet" / "config.json", "the unet/ config")
+    if "text_encoder_2" in index or unet_json.get("addition_embed_type") == "text_time":
+        raise CtxdiffError(f"{folder}: not supported: detected SDXL (text_encoder_2 / text_time embeddings); "
+                           "ctxdiff loads Stable Diffusion 1.x and 2.x models")
+    try:
+        config = LatentSDConfig(
+            LatentUNetConfig.from_diffusers(unet_json),
+            LatentVAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json", "the vae/ config")),
+            LatentTextConfig.from_hf(_read_json(folder / "text_encoder" / "config.json", "the text_encoder/ config"),
+                                     _pad_token_id(folder)))
+    except CtxdiffError as e:
+        raise CtxdiffError(f"{folder}/{e}") from e
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path, "the scheduler config") if sched_path.is_file() else {}
+    if sched.get("trained_betas") is not None:
+        raise CtxdiffError(f"{sched_path}: trained_betas are not supported; use a scaled_linear or linear schedule")
+    scheduler = SchedulerInfo(**{k: sched[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start",
+                                                        "beta_end") if k in sched})
+    text_state = {k.removeprefix("text_model."): v for k, v in _read_weights(folder / "text_encoder", _HF_WEIGHTS).items()}
+    text_state.pop("embeddings.position_ids", None)
+    return LatentModels(
+        _build(LatentUNet, config.unet, _read_weights(folder / "unet", _DIFFUSERS_WEIGHTS), device, dtype,
+               f"{folder}/unet"),
+        _build(LatentVAE, config.vae, _read_weights(folder / "vae", _DIFFUSERS_WEIGHTS), device, dtype,
+               f"{folder}/vae"),
+        _build(LatentTextEncoder, config.text, text_state, device, dtype, f"{folder}/text_encoder"),
+        config, prediction_type or sched.get("prediction_type", "epsilon"), scheduler)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CtxdiffError(f"{path}: no such file; pass {what}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CtxdiffError(f"{path}: unreadable JSON ({e}); restore the file") from e
+
+
+def _read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for name in names:
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
+    raise CtxdiffError(f"{folder}: no weights file (looked for {', '.join(names)}); restore the folder")
+
+
+def _pad_token_id(folder: Path) -> int | None:
+    """The padding id of tokenizer/special_tokens_map.json, if the folder has one."""
+    path = folder / "tokenizer" / "special_tokens_map.json"
+    if not path.is_file():
+        return None
+    pad = _read_json(path, "the tokenizer's special tokens").get("pad_token")
+    return vocab_id(pad.get("content") if isinstance(pad, dict) else pad)

@@ -1,0 +1,1 @@
+"""Pipelines compose models and samplers; they know nothing of the CLI."""

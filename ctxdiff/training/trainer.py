@@ -1,0 +1,328 @@
+"""`ctxdiff train`: the denoiser f_theta and the adapter r_phi trained jointly by Eq. 6.
+
+Exact resume: every random draw of step k (diffusion step t, noise, condition dropout, dropout
+layers) comes from a generator seeded by (seed, k), and the data order is a pure function of
+(seed, k) (`batch_indices`), so a run resumed from the checkpoint of step k continues exactly
+as the uninterrupted run would. A checkpoint holds model, EMA, optimizer, LR schedule and step.
+
+Multi-GPU / multi-node: launch with `torchrun`; `train.batch_size` is the global batch. Every
+rank draws the randomness of the whole global batch and keeps its slice, so N ranks compute
+the same update as one process on the combined batch. Rank 0 writes all files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
+                                 save_training_state, training_state_path)
+from ctxdiff.data.datasets import ShardStream, batch_indices, open_dataset
+from ctxdiff.data.png import grid, save_png, to_uint8
+from ctxdiff.diffusion import diffusion_loss, make_schedule
+from ctxdiff.errors import CtxdiffError, UsageError
+from ctxdiff.models.encoders import load_clip
+from ctxdiff.models.unet import UNet
+from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
+from ctxdiff.pipelines.text2image import SamplingParams, Stage, Text2Image, build_adapter, save_t2i_bundle
+from ctxdiff.recipes import dump_recipe, to_dict
+from ctxdiff.training.recipe import Recipe
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    model_path: Path
+    interrupted: bool
+
+
+class EMA:
+    """Exponential moving average of a module's weights; decay min(decay, (1 + n)/(10 + n)) with warm-up."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool) -> None:
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        for ema_p, p in zip(self.shadow.parameters(), module.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.shadow.buffers(), module.buffers()):
+            ema_b.copy_(b)
+
+
+class DenoisingObjective(nn.Module):
+    """Eq. 6 as one module (what DistributedDataParallel wraps): f_theta and r_phi jointly."""
+
+    def __init__(self, unet: UNet, adapter: nn.Module | None, recipe: Recipe) -> None:
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+        self.sched = make_schedule(recipe.diffusion.schedule, recipe.diffusion.timesteps)
+        self.weighting, self.gamma = recipe.diffusion.loss_weighting, recipe.diffusion.min_snr_gamma
+
+    def forward(self, x0, cond, t, noise, lowres=None, lowres_t=None) -> torch.Tensor:
+        def x0_fn(x, c, tt):
+            return self.unet(x, tt, c, lowres=lowres, lowres_t=lowres_t)
+
+        return diffusion_loss(self.sched, x0_fn, x0, cond, self.adapter, t=t, noise=noise,
+                              weighting=self.weighting, gamma=self.gamma)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("train.precision=fp16 needs a CUDA device; use bf16 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class Trainer:
+    """One training run of a base or super-resolution stage from a recipe."""
+
+    def __init__(self, recipe: Recipe, device: torch.device, resume: bool = False,
+                 on_step: Callable[[dict], None] | None = None, log: Callable[[str], None] = lambda _: None) -> None:
+        self.recipe, self.resume, self.on_step, self.log = recipe, resume, on_step, log
+        self.device = init_distributed(device)
+        self.rank, self.world = _dist()
+        cfg = recipe.train
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise UsageError(f"train.batch_size={cfg.batch_size} must divide evenly over {self.world} process(es) "
+                             f"x {cfg.grad_accum} accumulation step(s)")
+        self.out = Path(recipe.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self._check_output()
+
+        self.clip = load_clip(recipe.model.clip, self.device)
+        unet_cfg = recipe.model.unet
+        if cfg.gradient_checkpointing and not unet_cfg.gradient_checkpointing:
+            unet_cfg = replace(unet_cfg, gradient_checkpointing=True)
+        torch.manual_seed(cfg.seed)
+        unet = UNet(unet_cfg)
+        adapter = build_adapter(recipe.model.adapter, self.clip) if recipe.model.adapter is not None else None
+        self.objective = DenoisingObjective(unet, adapter, recipe).to(self.device)
+        self.ema = EMA(self.objective, cfg.ema_decay, cfg.ema_warmup)
+        self.model = self.objective
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.step = 0
+        if resume:
+            self._load_latest()
+        self.stage = cfg.stage
+        if self.stage == "sr" and not unet_cfg.lowres_cond:
+            raise UsageError("train.stage=sr needs a super-resolution U-Net (model.unet.lowres_cond: true)")
+        self.dataset = open_dataset(recipe.data.source, unet_cfg.image_size, caption_key=recipe.data.caption_key,
+                                    shapes_count=recipe.data.shapes_count, shapes_seed=recipe.data.shapes_seed)
+        self._stream = None
+
+    # ----------------------------------------------------------------- files
+
+    def _check_output(self) -> None:
+        existing = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
+        if self.resume and existing is None:
+            raise CtxdiffError(f"{self.ckpt_dir}: no checkpoint to resume from; run without --resume to start")
+        if not self.resume and existing is not None:
+            raise CtxdiffError(f"{self.out} already holds a run (checkpoint {existing.name}); pass --resume to "
+                               f"continue it, or choose another folder with --set output=...")
+
+    def _load_latest(self) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        state = load_training_state(path)
+        if state.get("recipe") is not None and state["recipe"].get("model") != to_dict(self.recipe.model):
+            raise CtxdiffError(f"{path}: this checkpoint was trained with another model config; resume with the "
+                               "recipe that started the run")
+        self.objective.load_state_dict(state["model"])
+        self.ema.shadow.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank == 0:
+            state = {"model": self.objective.state_dict(), "ema": self.ema.shadow.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "step": self.step, "rng": capture_rng_state(),
+                     "recipe": to_dict(self.recipe)}
+            path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
+            rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
+            self.export()
+        if self.world > 1:
+            dist.barrier()
+        return latest_checkpoint(self.ckpt_dir)
+
+    def ema_stage(self) -> Stage:
+        return Stage(self.ema.shadow.unet, self.ema.shadow.adapter)
+
+    def export(self, path: Path | None = None) -> Path:
+        """Write the EMA weights as a t2i bundle (a cascade when this is an SR stage over a base model)."""
+        path = path or self.out / "model.safetensors"
+        r = self.recipe
+        configs = {"diffusion": r.diffusion, "sample": r.sample, "lowres_noise_level": r.train.lowres_noise_level}
+        extra = {"step": self.step, "recipe": to_dict(r)}
+        if self.stage == "sr":
+            base = self._base_pipeline()
+            stages = {"": base.base, "sr_": self.ema_stage()}
+        else:
+            stages = {"": self.ema_stage()}
+        return save_t2i_bundle(path, self.clip, stages, configs, extra)
+
+    def _base_pipeline(self) -> Text2Image:
+        if not self.recipe.model.base_model:
+            raise UsageError("train.stage=sr needs model.base_model: the base t2i bundle to join into a cascade")
+        return Text2Image.from_bundle(self.recipe.model.base_model, self.device)
+
+    # ------------------------------------------------------------------ data
+
+    def _global_batch(self) -> tuple[torch.Tensor, list[str]]:
+        size = self.recipe.train.batch_size
+        if isinstance(self.dataset, ShardStream):
+            if self._stream is None:
+                self._stream = iter(self.dataset)
+                for _ in range(self.step * size):  # resume: pass over what was read
+                    next(self._stream)
+            items = [next(self._stream) for _ in range(size)]
+        else:
+            items = [self.dataset[i] for i in batch_indices(len(self.dataset), self.recipe.train.seed, self.step, size)]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+    # ------------------------------------------------------------------ loop
+
+    def train_step(self) -> float:
+        """One optimizer step on the global batch; returns its mean loss (all ranks)."""
+        cfg, r = self.recipe.train, self.recipe
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step))
+        torch.manual_seed(step_seed(cfg.seed, self.step) + 1)  # dropout layers
+        x0, captions = self._global_batch()
+        n = x0.shape[0]
+        t = torch.randint(1, r.diffusion.timesteps + 1, (n,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        dropped = torch.rand(n, generator=gen) < r.diffusion.cond_drop_prob
+        lowres = lowres_t = None
+        if self.stage == "sr":
+            lowres_t = torch.rand(n, generator=gen)  # Imagen: uniform augmentation level while training
+            lowres = noise_augment(upsample(downsample(x0, r.model.lowres_size), x0.shape[-1]), lowres_t,
+                                   torch.randn(x0.shape, generator=gen))
+        per_rank = n // self.world
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        micro = per_rank // cfg.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for k in range(cfg.grad_accum):
+            part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
+            texts = ["" if dropped[i] else captions[i] for i in range(part.start, part.stop)]
+            with torch.no_grad():
+                cond = self.clip.encode_text(texts)
+            sync = self.model.no_sync() if self.world > 1 and k < cfg.grad_accum - 1 else nullcontext()
+            with sync, _autocast(cfg.precision, self.device):
+                loss = self.model(x0[part].to(self.device), cond, t[part].to(self.device), noise[part].to(self.device),
+                                  None if lowres is None else lowres[part].to(self.device),
+                                  None if lowres_t is None else lowres_t[part].to(self.device))
+            if not torch.isfinite(loss):
+                raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
+                                   f"(the last good checkpoint is kept in {self.ckpt_dir}); lower train.lr, "
+                                   "or use train.precision=fp32")
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update(self.objective, self.step)
+        self.step += 1
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return float(total)
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+        cfg = self.recipe.train
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
+        loss = math.nan
+        started, last_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            now = time.perf_counter()
+            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                      "it_per_s": (self.step - last_step) / max(now - started, 1e-9)}
+            if self.on_step is not None:
+                self.on_step(record)
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.preview()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+            if should_stop():
+                self.save_checkpoint()
+                return TrainResult(self.step, loss, self.out / "model.safetensors", interrupted=True)
+        return TrainResult(self.step, loss, self.out / "model.safetensors", interrupted=False)
+
+    @torch.no_grad()
+    def preview(self, count: int = 8) -> Path | None:
+        """A grid of EMA samples (DDIM, 20 steps) so a user sees early whether training works."""
+        if self.rank != 0:
+            return None
+        prompts = list(self.recipe.preview_prompts) or self._dataset_captions(count)
+        if self.stage == "sr":
+            pipe = self._base_pipeline()
+            pipe.sr = self.ema_stage()
+        else:
+            pipe = Text2Image(self.clip, self.ema_stage(), None, self.recipe.diffusion,
+                              SamplingParams(), "preview")
+        params = replace(SamplingParams.from_sample_config(self.recipe.sample, self.recipe.train.lowres_noise_level),
+                         steps=min(20, self.recipe.sample.steps), sr_steps=min(20, self.recipe.sample.sr_steps))
+        images = pipe.sample(prompts, list(range(len(prompts))), params)
+        path = self.out / "samples" / f"step-{self.step:08d}.png"
+        return save_png(path, grid(to_uint8(images)), {"step": self.step, "prompts": prompts})
+
+    def _dataset_captions(self, count: int) -> list[str]:
+        if isinstance(self.dataset, ShardStream):
+            return ["" for _ in range(count)]
+        return [self.dataset[i][1] for i in range(min(count, len(self.dataset)))]
