@@ -142,6 +142,17 @@ def test_saved_statistics_give_the_same_fid_and_refuse_other_features(tmp_path):
         fid.dataset_stats(path, fid.FeatureExtractor("other", pooled_colours))
 
 
+def test_clean_fid_reference_statistics_give_fid_but_kid_asks_for_features(tmp_path):
+    extractor = fid.FeatureExtractor("quadrant-colours", pooled_colours)
+    real, fake = image_folder(tmp_path / "real", 8, seed=0), image_folder(tmp_path / "fake", 8, seed=1)
+    stats = fid.dataset_stats(real, extractor)
+    np.savez(tmp_path / "clean_fid_stats.npz", mu=stats.mu, sigma=stats.sigma)   # clean-fid's FID file layout
+    assert fid.compute_fid(tmp_path / "clean_fid_stats.npz", fake, extractor) == pytest.approx(
+        fid.compute_fid(real, fake, extractor))
+    with pytest.raises(CtxdiffError, match="KID needs the features"):
+        fid.compute_kid(tmp_path / "clean_fid_stats.npz", fake, extractor)
+
+
 # -- CLIP score and video metrics ----------------------------------------------------------------
 
 def test_clip_score_matches_a_hand_computation():

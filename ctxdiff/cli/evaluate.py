@@ -19,6 +19,8 @@ from ctxdiff.cli.output import emit_json, info, print_table
 from ctxdiff.errors import CtxdiffError, UsageError
 
 DEFAULT_CLIP = Path(ctxdiff.__file__).parent / "assets" / "shapes-clip.safetensors"
+VIDEO_COLUMNS = {"text_alignment": "text alignment", "temporal_consistency_all_pairs": "consistency (all pairs)",
+                 "temporal_consistency_consecutive": "consistency (consecutive)"}
 
 
 @dataclass
@@ -108,7 +110,7 @@ def kid_metric(req: EvalRequest) -> MetricResult:
     from ctxdiff.metrics.fid import kid_between
 
     extractor, real, fake = _feature_stats(req)
-    value = None if fake is None else kid_between(real, fake, req.real)
+    value = None if fake is None else kid_between(real, fake)
     return summary(_distance_record(req, extractor, real, fake, value))
 
 
@@ -185,10 +187,9 @@ def _video_metric(req: EvalRequest, prompt_required: bool) -> MetricResult:
     means = mean_over_videos(per_video)
     record = {"metric": req.metric, "clip": _clip_name(encoders), "videos": per_video,
               **{f"mean_{k}": v for k, v in means.items()}}
-    keys = list(means)
-    rows = [(r["video"], r["frames"], *(r[k] for k in keys)) for r in per_video]
+    rows = [(Path(r["video"]).name, r["frames"], *(r[k] for k in means)) for r in per_video]
     rows.append(("mean", sum(r["frames"] for r in per_video), *means.values()))
-    return MetricResult(record, ["video", "frames", *keys], rows)
+    return MetricResult(record, ["video", "frames", *(VIDEO_COLUMNS[k] for k in means)], rows)
 
 
 def text_alignment_metric(req: EvalRequest) -> MetricResult:
@@ -236,7 +237,7 @@ def evaluate(
     save_stats: Path | None = typer.Option(None, "--save-stats", help="FID/KID: save the statistics of --real to this .npz."),
     features: str = typer.Option("inception", "--features", help="FID/KID features: inception | clip:<arch>:<weights file>."),
     images: Path | None = typer.Option(None, "--images", help="clip-score, shapes: the folder of images to score."),
-    videos: list[Path] | None = typer.Option(None, "--videos", help="text-alignment, temporal-consistency: a video file or folder of frames; repeat for more."),
+    videos: list[Path] | None = typer.Option(None, "--videos", metavar="PATH", help="text-alignment, temporal-consistency: a video file or folder of frames; repeat for more."),
     prompts: Path | None = typer.Option(None, "--prompts", help="One prompt a line, per image (sorted file names) or per --videos; default: PNG 'prompt' chunks or sidecars."),
     prompt: str | None = typer.Option(None, "--prompt", help="The prompt of every --videos."),
     clip_arch: str = typer.Option("ViT-B-32", "--clip-arch", help="open_clip architecture of --clip-weights (a ctxdiff clip bundle names its own)."),

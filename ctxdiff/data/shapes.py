@@ -211,17 +211,17 @@ class _CaptionParser:
             background = self.background()
             kind, value = ("background", background) if background else self.phrase()
             if kind in ("relation", "and") and len(objects) == 2:
-                self.fail("a caption names at most two objects")
+                self.reject("a caption names at most two objects")
             if kind in stated:
-                self.fail(f"the caption states its {kind} twice")
+                self.reject(f"it states the {kind} twice")
             stated[kind] = value
             if kind in ("relation", "and"):
                 objects.append(self.object())
         if len(objects) == 2 and ("position" in stated or "motion" in stated):
-            self.fail("a position or motion is for a caption with one object; "
-                      "relate two objects with above, below, left of or right of")
+            self.reject("a position or motion is for a caption with one object; "
+                        "relate two objects with above, below, left of or right of")
         if "position" in stated and "motion" in stated:
-            self.fail("a moving object takes no position; drop one of the two")
+            self.reject("a moving object takes no position; drop one of the two")
         return SceneSpec(tuple(objects), stated.get("position"), stated.get("relation"),
                          stated.get("background"), stated.get("motion"))
 
@@ -274,6 +274,9 @@ class _CaptionParser:
     def fail(self, expected: str):
         where = f"at {self.peek()!r}" if self.peek() else "at the end"
         raise ValueError(f"cannot read caption {self.text!r} {where}: {expected}")
+
+    def reject(self, reason: str):
+        raise ValueError(f"cannot read caption {self.text!r}: {reason}")
 
 
 # -- sampling and layout -----------------------------------------------------------------------
@@ -487,6 +490,17 @@ def _realise_video(spec: SceneSpec, rng: np.random.Generator, frames: int, size:
 
 # -- writing samples ---------------------------------------------------------------------------
 
+def prepare_folder(folder: str | Path, force: bool = False) -> Path:
+    """Create `folder`; refuse (CtxdiffError) one that holds anything, unless `force`."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CtxdiffError(f"{folder}: exists and is not a folder; pass a folder to write samples into")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise CtxdiffError(f"{folder}: the folder is not empty; pass an empty or new folder, or --force to write into it")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def write_samples(folder: str | Path, n: int, *, seed: int = 0, size: int = 64,
                   kind: Literal["images", "videos"] = "images", frames: int = 8, force: bool = False,
                   callback: Callable[..., None] | None = None) -> list[Path]:
@@ -496,14 +510,9 @@ def write_samples(folder: str | Path, n: int, *, seed: int = 0, size: int = 64,
     Refuses a folder that holds anything unless `force`. callback(index=, path=, caption=) runs
     after every sample. Returns the image files or frame folders.
     """
-    folder = Path(folder)
     if kind not in ("images", "videos"):
         raise ValueError(f"kind must be 'images' or 'videos', not {kind!r}")
-    if folder.exists() and not folder.is_dir():
-        raise CtxdiffError(f"{folder}: exists and is not a folder; pass a folder to write samples into")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise CtxdiffError(f"{folder}: the folder is not empty; pass an empty or new folder, or --force to write into it")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_folder(folder, force)
     world = ShapesWorld(seed=seed, image_size=size)
     written = []
     for index in range(n):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from ctxdiff.checkpoints import _atomic_write
@@ -71,19 +72,21 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), the Frechet distance of two Gaussians.
 
-    tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1^(1/2) S2 S1^(1/2))): S1 S2 is similar to that
-    symmetric PSD matrix, so two `eigh` calls replace a general matrix square root. Eigenvalues
-    that round-off makes slightly negative are clipped to 0.
+    With S1 = V D V^T: S1 S2 is similar to the symmetric PSD matrix D^(1/2) V^T S2 V D^(1/2), so
+    tr((S1 S2)^(1/2)) is the sum of the square roots of its eigenvalues; two symmetric eigen-
+    decompositions replace a general matrix square root. Round-off negatives are clipped to 0.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise CtxdiffError(f"cannot compare statistics of {mu1.shape[0]}-dim and {mu2.shape[0]}-dim features; "
                            "compute both with the same --features")
-    eigvals, eigvecs = np.linalg.eigh(sigma1)
-    sqrt_sigma1 = (eigvecs * np.sqrt(np.clip(eigvals, 0, None))) @ eigvecs.T
-    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise CtxdiffError("feature statistics contain NaN or infinity; recompute them")
+    eigvals, eigvecs = scipy.linalg.eigh(sigma1, check_finite=False)
+    root = np.sqrt(np.clip(eigvals, 0, None))
+    middle = root[:, None] * (eigvecs.T @ sigma2 @ eigvecs) * root[None, :]
+    trace_sqrt = np.sqrt(np.clip(scipy.linalg.eigvalsh(middle, check_finite=False), 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
@@ -165,12 +168,17 @@ def inception_extractor(device: torch.device | str = "cpu") -> FeatureExtractor:
                            "--features clip:<arch>:<weights file>")
     from cleanfid.inception_torchscript import InceptionV3W
 
-    model = InceptionV3W(str(INCEPTION_DIR), download=False, resize_inside=False).to(device).eval()
+    try:
+        model = InceptionV3W(str(INCEPTION_DIR), download=False, resize_inside=False).to(device).eval()
+    except RuntimeError as exc:
+        raise CtxdiffError(f"{weights}: not a readable TorchScript model ({str(exc).splitlines()[0]}); "
+                           f"replace it with a fresh copy from {INCEPTION_URL}") from None
     return FeatureExtractor("inception", model)
 
 
-def clip_extractor(arch: str | None, weights: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
-    """An open_clip image tower from a local weights file; unit-normalised image embeddings."""
+def clip_extractor(arch: str, weights: str | Path, device: torch.device | str = "cpu") -> FeatureExtractor:
+    """An open_clip image tower from a local weights file (or an already-cached open_clip tag);
+    unit-normalised image embeddings of centre-cropped images."""
     from ctxdiff.metrics.clip_score import clip_input
     from ctxdiff.models.encoders import ClipConfig, load_clip
 
@@ -183,7 +191,7 @@ def clip_extractor(arch: str | None, weights: str | Path, device: torch.device |
     def fn_resize(image: np.ndarray) -> np.ndarray:
         return clip_input(encoders, image)
 
-    return FeatureExtractor(f"clip:{arch}:{Path(weights).name}", model_fn, fn_resize)
+    return FeatureExtractor(f"clip:{encoders.config.arch}:{Path(weights).name}", model_fn, fn_resize)
 
 
 def feature_extractor(spec: str, device: torch.device | str = "cpu") -> FeatureExtractor:
@@ -193,8 +201,6 @@ def feature_extractor(spec: str, device: torch.device | str = "cpu") -> FeatureE
     kind, _, rest = spec.partition(":")
     arch, _, weights = rest.partition(":")
     if kind == "clip" and arch and weights:
-        if not Path(weights).is_file():
-            raise CtxdiffError(f"{weights}: no such CLIP weights file (from --features {spec})")
         return clip_extractor(arch, weights, device)
     raise UsageError(f"unknown features {spec!r}; use 'inception' or 'clip:<arch>:<weights file>'")
 
@@ -235,19 +241,22 @@ def dataset_stats(source: str | Path, extractor: FeatureExtractor, batch_size: i
 
 
 def fid_between(real: FeatureStats, fake: FeatureStats) -> float:
+    """FID of two sets' statistics."""
     return frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
 
 
-def kid_between(real: FeatureStats, fake: FeatureStats, source: str | Path = "the real set") -> float:
-    if real.features is None:
-        raise CtxdiffError(f"{source}: holds mean and covariance only, KID needs the features; "
-                           "pass the image folder, or stats saved by `ctxdiff evaluate --save-stats`")
+def kid_between(real: FeatureStats, fake: FeatureStats) -> float:
+    """KID of two sets' features (statistics files saved without features cannot give it)."""
+    for label, stats in (("real", real), ("fake", fake)):
+        if stats.features is None:
+            raise CtxdiffError(f"the {label} statistics hold mean and covariance only, KID needs the features; "
+                               "pass the image folder, or statistics saved by `ctxdiff evaluate --save-stats`")
     return kernel_distance(real.features, fake.features)
 
 
 def compute_fid(real: str | Path, fake: str | Path, features: str | FeatureExtractor = "inception",
                 batch_size: int = 32, device: torch.device | str = "cpu") -> float:
-    """FID between `real` (a folder or a .npz of statistics) and `fake` (a folder)."""
+    """FID between two folders of images (either may be a .npz of statistics instead)."""
     extractor = features if isinstance(features, FeatureExtractor) else feature_extractor(features, device)
     return fid_between(dataset_stats(real, extractor, batch_size, device),
                        dataset_stats(fake, extractor, batch_size, device))
@@ -255,7 +264,7 @@ def compute_fid(real: str | Path, fake: str | Path, features: str | FeatureExtra
 
 def compute_kid(real: str | Path, fake: str | Path, features: str | FeatureExtractor = "inception",
                 batch_size: int = 32, device: torch.device | str = "cpu") -> float:
-    """KID between `real` (a folder or a .npz with features) and `fake` (a folder)."""
+    """KID between two folders of images (either may be a .npz of statistics with features)."""
     extractor = features if isinstance(features, FeatureExtractor) else feature_extractor(features, device)
     return kid_between(dataset_stats(real, extractor, batch_size, device),
-                       dataset_stats(fake, extractor, batch_size, device), real)
+                       dataset_stats(fake, extractor, batch_size, device))

@@ -1,18 +1,18 @@
 """A deterministic judge for the shapes world: does an image show what its caption states?
 
-No network: the caption is parsed (`ctxdiff.data.shapes.parse_caption`); the background is the
-palette colour nearest the median border pixel; every other pixel takes the palette colour it is
-confidently nearest to; connected regions of one colour are the candidate objects. An object's
-measurements come from its soft coverage (the pixel's position between background and object
-colour), so soft edges and small sizes measure like the drawn geometry:
+No network. The caption is parsed (`ctxdiff.data.shapes.parse_caption`); the background is the
+palette colour nearest the median border pixel; every pixel confidently nearest one object colour
+belongs to that colour, and connected pixels of one colour (a pixel's gap allowed) are a region.
+A region's soft coverage (each pixel's position between the background and the region's colour,
+over the region grown by two pixels) is compared with every drawn shape, scaled to the region's
+area and placed at its centroid, sharp and slightly blurred: the nearest is its shape, that
+shape's extent its size (against the midpoint of small and large). Its centre comes from its
+soft silhouettes.
 
-    fill = area / (width * height)      circle 0.785, square 1, triangle 0.5, cross 0.556
-    skew = skewness of the row (column) mass profile: an upright triangle -0.57, the rest 0
-
-The caption's objects take the candidates that match them best (colour first). Each stated
-attribute is then checked: colour, shape, size (extent against the midpoint of small and
-large), position (centre in the outer or middle third), relation (centres compared), background,
-and count (as many sizeable regions as named objects).
+The caption's objects take the regions that match them best (colour first, then the most
+attributes right). Each stated attribute is checked: colour, shape, size, position (centre in
+the outer or middle third), relation (centres compared), background, count (as many regions as
+named objects) and, for videos, motion.
 """
 
 from __future__ import annotations
@@ -22,19 +22,23 @@ from itertools import permutations
 from typing import Iterable
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from ctxdiff.data.shapes import (OBJECT_COLOURS, PALETTE, SHAPE_CENTROID_DROP, SHAPE_FILL, SHAPES, SIZES, SceneSpec,
                                  parse_caption, shape_coverage)
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count", "motion")
-REPORT_COLUMNS = ("prompts", "attribute", "correct", "stated", "accuracy")
+REPORT_COLUMNS = ("group", "attribute", "correct", "stated", "accuracy")
 
 CONFIDENCE = 0.6         # a pixel takes its nearest palette colour when nearer than this x the second
-MIN_AREA = 0.005         # regions smaller than this fraction of the image are noise
+MIN_AREA = 0.005         # regions with fewer confident pixels than this fraction of the image are noise
 MAX_CANDIDATES = 6       # the largest regions considered as the caption's objects
 SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2
 TEMPLATE_SUPERSAMPLE = 2
+TEMPLATE_BLURS = (0.0, 0.7)  # pixels: a generated image's edges may be softer than drawn ones
+GROW = 2                 # pixels a region grows by to take in its soft edge
+MAX_SIDE = 64            # larger images are judged area-averaged to this side: same verdicts, fixed cost
 MIN_TRAVEL = 0.15        # a moving object's centre travels at least this far along its direction
 
 _NAMES = list(PALETTE)
@@ -87,11 +91,14 @@ def judge(image, caption: str) -> Verdict:
 
 
 def judge_spec(image, spec: SceneSpec, caption: str = "") -> Verdict:
+    """`judge` for a caption already parsed."""
     image = as_uint8_image(image)
+    if image.shape[0] > MAX_SIDE:
+        image = np.asarray(Image.fromarray(image).resize((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX))
     background, regions = segment(image)
-    found = _match(spec, regions, background)
+    found = _match(spec, regions)
     checks = _checks(spec, found)
-    count = sum(r.area >= MIN_AREA for r in regions) == len(spec.objects)
+    count = len(regions) == len(spec.objects)
     return Verdict(caption=caption or spec.caption(), background=None if spec.background is None
                    else background == spec.background, count=count, detections=found, **checks)
 
@@ -102,7 +109,7 @@ def judge_video(frames, caption: str) -> Verdict:
     spec = parse_caption(caption)
     verdicts = [judge_spec(frame, spec, caption) for frame in frames]
     votes = {}
-    for name in ATTRIBUTES[:-1]:
+    for name in (a for a in ATTRIBUTES if a != "motion"):
         values = [getattr(v, name) for v in verdicts if getattr(v, name) is not None]
         votes[name] = sum(values) * 2 > len(values) if values else None
     motion = None
@@ -119,14 +126,14 @@ def _moved(first: Detection, last: Detection, direction: str) -> bool:
 
 
 def as_uint8_image(image) -> np.ndarray:
-    """uint8 [H, W, 3] from uint8 or float-in-[0, 1] pixels, channels last or first."""
+    """uint8 [N, N, 3] from uint8 or float-in-[0, 1] pixels, channels last or first."""
     if hasattr(image, "detach"):
         image = image.detach().cpu().numpy()
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         image = image.transpose(1, 2, 0)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"an image must be [H, W, 3] or [3, H, W], not {list(image.shape)}")
+    if image.ndim != 3 or image.shape[-1] != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"the judge reads square RGB images, [N, N, 3] or [3, N, N], not {list(image.shape)}")
     if image.dtype != np.uint8:
         image = np.rint(np.clip(image.astype(np.float32), 0, 1) * 255).astype(np.uint8)
     return image
@@ -152,10 +159,11 @@ def segment(image: np.ndarray) -> tuple[str, list[Detection]]:
     objects = np.isin(label, object_classes)
     regions = []
     for k in object_classes:
-        components, count = ndimage.label(label == k, structure=np.ones((3, 3)))
+        pixels_k = label == k         # pieces a pixel apart (an uncertain pixel between) are one region
+        components, count = ndimage.label(ndimage.binary_dilation(pixels_k, structure=np.ones((3, 3))))
         for index in range(1, count + 1):
-            mask = components == index
-            if mask.sum() >= 0.2 * MIN_AREA * height * width:
+            mask = (components == index) & pixels_k
+            if mask.sum() >= MIN_AREA * height * width:
                 alpha = _coverage(pixels, mask, objects & (label != k), measured_bg)
                 regions.append(_measure(_NAMES[k], alpha))
     return background, sorted(regions, key=lambda r: -r.area)
@@ -163,10 +171,10 @@ def segment(image: np.ndarray) -> tuple[str, list[Detection]]:
 
 def _coverage(pixels: np.ndarray, mask: np.ndarray, other_objects: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """Soft coverage of one region: each pixel's position on the line from the background colour
-    to the region's colour, over the region grown by one pixel (its soft edge) but not into other
+    to the region's colour, over the region grown by GROW pixels (its soft edge) but not into other
     objects' pixels, 0 elsewhere."""
     colour = np.median(pixels[mask], axis=0)
-    grown = ndimage.binary_dilation(mask, structure=np.ones((3, 3))) & ~other_objects
+    grown = ndimage.binary_dilation(mask, structure=np.ones((3, 3)), iterations=GROW) & ~other_objects
     direction = colour - bg
     alpha = ((pixels - bg) @ direction) / max(float(direction @ direction), 1.0)
     return np.where(grown, np.clip(alpha, 0, 1), 0).astype(np.float32)
@@ -176,28 +184,31 @@ def _measure(colour: str, alpha: np.ndarray) -> Detection:
     """Centre from the soft silhouettes; shape: the drawn shape (scaled to the region's area,
     placed at its centroid) that differs least from the coverage; size from that shape's extent."""
     n = alpha.shape[0]
-    columns, rows = alpha.max(axis=0), alpha.max(axis=1)          # soft silhouettes along x and y
     positions = (np.arange(n) + 0.5) / n
+    columns, rows = alpha.max(axis=0), alpha.max(axis=1)          # soft silhouettes along x and y
     cx, cy = float(columns @ positions / columns.sum()), float(rows @ positions / rows.sum())
-    area = float(alpha.sum()) / (n * n)
-    mass_x, mass_y = float(alpha.sum(axis=0) @ positions) / (area * n * n), float(alpha.sum(axis=1) @ positions) / (area * n * n)
+    total = float(alpha.sum())
+    mass_x, mass_y = float(alpha.sum(axis=0) @ positions) / total, float(alpha.sum(axis=1) @ positions) / total
+    area = total / (n * n)
     fits = {}
     for shape in SHAPES:
         extent = float(np.sqrt(area / SHAPE_FILL[shape]))
-        template = shape_coverage(shape, mass_x, mass_y - SHAPE_CENTROID_DROP[shape] * extent, extent, n, TEMPLATE_SUPERSAMPLE)
-        fits[shape] = (float(np.abs(alpha - template).sum()) / (area * n * n), extent)
+        template = shape_coverage(shape, mass_x, mass_y - SHAPE_CENTROID_DROP[shape] * extent, extent, n,
+                                  TEMPLATE_SUPERSAMPLE)
+        mismatch = min(float(np.abs(alpha - (ndimage.gaussian_filter(template, blur) if blur else template)).sum())
+                       for blur in TEMPLATE_BLURS)
+        fits[shape] = (mismatch / total, extent)
     shape = min(fits, key=lambda s: fits[s][0])
     mismatch, extent = fits[shape]
-    size = "large" if extent >= SIZE_THRESHOLD else "small"
-    return Detection(colour, shape, size, cx, cy, extent, area, mismatch)
+    return Detection(colour, shape, "large" if extent >= SIZE_THRESHOLD else "small", cx, cy, extent, area, mismatch)
 
 
 # -- matching the caption's objects to regions -------------------------------------------------
 
-def _match(spec: SceneSpec, regions: list[Detection], background: str) -> tuple[Detection | None, ...]:
+def _match(spec: SceneSpec, regions: list[Detection]) -> tuple[Detection | None, ...]:
     """The regions to take for the caption's objects: the assignment with the most colours right,
     then the most attributes right, then the largest regions (None where regions run out)."""
-    candidates = [r for r in regions if r.area >= MIN_AREA][:MAX_CANDIDATES]
+    candidates = regions[:MAX_CANDIDATES]
     n = len(spec.objects)
     if len(candidates) < n:
         candidates = candidates + [None] * (n - len(candidates))
@@ -211,14 +222,14 @@ def _match(spec: SceneSpec, regions: list[Detection], background: str) -> tuple[
 
 
 def _checks(spec: SceneSpec, found: tuple[Detection | None, ...]) -> dict[str, bool | None]:
-    def every(test, objects=spec.objects):
-        pairs = [(f, o) for f, o in zip(found, spec.objects) if o in objects]
+    def every(test, stated=lambda o: True):
+        pairs = [(f, o) for f, o in zip(found, spec.objects) if stated(o)]
         return all(f is not None and test(f, o) for f, o in pairs) if pairs else None
 
     checks = {
         "colour": every(lambda f, o: f.colour == o.colour),
         "shape": every(lambda f, o: f.shape == o.shape),
-        "size": every(lambda f, o: f.size == o.size, [o for o in spec.objects if o.size is not None]),
+        "size": every(lambda f, o: f.size == o.size, stated=lambda o: o.size is not None),
         "position": None,
         "relation": None,
     }

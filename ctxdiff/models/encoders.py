@@ -33,9 +33,9 @@ from ctxdiff.models.conditioning import TextCondition
 
 # ctxdiff's own small CLIPs, in open_clip's model-config format (embed_dim, vision_cfg, text_cfg).
 # Both use open_clip's bundled BPE vocabulary (49408 tokens), so the token embedding dominates
-# their size: shapes-clip 8.1M parameters (6.3M of them token embedding), tiny-clip 1.6M.
+# their size: shapes-clip 7.98M parameters (6.32M of them token embedding), tiny-clip 1.64M (1.58M).
 CUSTOM_ARCHS: dict[str, dict] = {
-    # 64x64 input with 8x8 patches: 64 patch tokens; 32x32 shapes images are upsampled losslessly.
+    # 64x64 input with 8x8 patches: 64 patch tokens; 32x32 images are upsampled (bicubic) to it.
     "shapes-clip": {
         "embed_dim": 128,
         "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
@@ -52,7 +52,8 @@ CUSTOM_ARCHS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class ClipConfig:
-    arch: str = "ViT-B-32"                 # open_clip architecture name, or a CUSTOM_ARCHS key
+    arch: str = "ViT-B-32"                 # open_clip architecture name (OpenAI weights from a file:
+                                           # "ViT-B-32-quickgelu"), or a CUSTOM_ARCHS key
     weights: str | None = None             # local file, or open_clip pretrained tag ("openai"); None: random
     context_length: int | None = None      # None: the architecture's own (77 for OpenAI CLIPs)
 
@@ -119,16 +120,21 @@ class ClipEncoders(nn.Module):
     def encode_text(self, prompts: list[str]) -> TextCondition:
         """tokens [B, L, text_dim] after ln_final, mask True up to and including EOT,
         pooled [B, embed_dim] the un-normalised projected text embedding."""
-        clip, ids = self.clip, self.tokenize(prompts)
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(ids).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
-        tokens = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
-        pooled = text_global_pool(tokens, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
-        projection = clip.text_projection
-        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        ids = self.tokenize(prompts)
+        tokens, pooled = self._text_tower(ids)
         eot = (ids == _tokenizer().eot_token_id).int().argmax(dim=1, keepdim=True)
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot
         return TextCondition(tokens=tokens, mask=mask, pooled=pooled)
+
+    def _text_tower(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token features after ln_final, projected EOT feature) of token ids [B, n <= L]."""
+        clip, n = self.clip, ids.shape[1]
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(ids).to(cast_dtype) + clip.positional_embedding[:n].to(cast_dtype)
+        tokens = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+        pooled = text_global_pool(tokens, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+        projection = clip.text_projection
+        return tokens, projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images in [-1, 1], [B, 3, H, W] of any size -> (patch tokens [B, N, image_dim] after
@@ -145,8 +151,13 @@ class ClipEncoders(nn.Module):
         return tokens, pooled
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """L2-normalised text embeddings [B, embed_dim] (CLIP score, retrieval)."""
-        return F.normalize(self.encode_text(prompts).pooled, dim=-1)
+        """L2-normalised text embeddings [B, embed_dim] (CLIP score, retrieval, training).
+
+        The text transformer is causal, so it runs only up to the batch's last EOT: the same
+        embedding as `encode_text(...).pooled`, without the cost of the padding."""
+        ids = self.tokenize(prompts)
+        last = int((ids == _tokenizer().eot_token_id).int().argmax(dim=1).max()) + 1
+        return F.normalize(self._text_tower(ids[:, :last])[1], dim=-1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, embed_dim] of [-1, 1] images (CLIP score, retrieval)."""
@@ -179,16 +190,6 @@ def load_clip(config: ClipConfig, device: str | torch.device = "cpu", *, trainab
     return encoders.to(device).train(trainable)
 
 
-def count_parameters(encoders: ClipEncoders) -> dict[str, int]:
-    """Parameter counts: total, token embedding, image tower, the rest of the text tower."""
-    clip = encoders.clip
-    total = sum(p.numel() for p in clip.parameters())
-    token = clip.token_embedding.weight.numel()
-    image = sum(p.numel() for p in clip.visual.parameters())
-    return {"total": total, "token_embedding": token, "image_tower": image,
-            "text_tower_rest": total - token - image - clip.logit_scale.numel()}
-
-
 def _open_clip_name(arch: str) -> str:
     return arch.replace("/", "-")
 
@@ -198,15 +199,17 @@ def _model_cfg(arch: str) -> dict:
     if arch in CUSTOM_ARCHS:
         return deepcopy(CUSTOM_ARCHS[arch])
     cfg = open_clip.get_model_config(_open_clip_name(arch))
-    known = [*CUSTOM_ARCHS, *open_clip.list_models()]
     if cfg is None:
+        known = [*CUSTOM_ARCHS, *open_clip.list_models()]
         lowered = {name.lower(): name for name in known}
-        close = [lowered[m] for m in difflib.get_close_matches(_open_clip_name(arch).lower(), lowered, n=5, cutoff=0.5)]
+        matches = difflib.get_close_matches(_open_clip_name(arch).lower(), lowered, n=5, cutoff=0.5)
+        close = [lowered[m] for m in matches]
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
         raise UsageError(f"unknown CLIP architecture '{arch}'; {hint}")
     unsupported = _unsupported_parts(cfg)
     if unsupported:
-        usable = [*CUSTOM_ARCHS, *(n for n in open_clip.list_models() if not _unsupported_parts(open_clip.get_model_config(n)))]
+        usable = [*CUSTOM_ARCHS, *(name for name in open_clip.list_models()
+                                   if not _unsupported_parts(open_clip.get_model_config(name)))]
         raise UsageError(f"CLIP architecture '{arch}' has {' and '.join(unsupported)}, which ctxdiff's "
                          f"encoders do not support; use one of: {', '.join(usable)}")
     return cfg
@@ -256,7 +259,7 @@ def _cached_pretrained(arch: str, tag: str, tag_cfg: dict) -> str:
     local cache without network access (every tag of a supported arch has an `hf_hub` entry);
     CtxdiffError naming the file to fetch if it is absent."""
     repo, filename = os.path.split(tag_cfg["hf_hub"])  # "org/name/" -> open_clip's default file name
-    names = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME] if not filename else [Path(filename).stem + ".safetensors", filename]
+    names = [Path(filename).stem + ".safetensors", filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
     for name in names:
         hit = try_to_load_from_cache(repo, name)
         if isinstance(hit, str):
@@ -299,8 +302,16 @@ def _load_state(clip: CLIP, state: dict[str, torch.Tensor], source: str) -> None
     """Load an open_clip CLIP state dict (or a ClipEncoders one, keys "clip.*"; DataParallel
     "module.*" too), resizing position embeddings to this model; CtxdiffError naming bad keys."""
     state = {k.removeprefix("module.").removeprefix("clip."): v for k, v in state.items()}
-    resize_pos_embed(state, clip)
-    resize_text_pos_embed(state, clip)
+    # open_clip interpolates position embeddings to this model's grid / context length; a width
+    # mismatch (another architecture) is left for load_module_state to report.
+    if _same_width(state, "visual.positional_embedding", clip.visual.positional_embedding):
+        resize_pos_embed(state, clip)
+    if _same_width(state, "positional_embedding", clip.positional_embedding):
+        resize_text_pos_embed(state, clip)
     if "logit_scale" in state and state["logit_scale"].numel() == 1:  # scalar in some files, [1] in others
         state["logit_scale"] = state["logit_scale"].reshape(clip.logit_scale.shape)
     load_module_state(clip, state, source)
+
+
+def _same_width(state: dict[str, torch.Tensor], key: str, own: torch.Tensor) -> bool:
+    return key in state and state[key].ndim == 2 and state[key].shape[1] == own.shape[1]

@@ -32,7 +32,8 @@ def train_clip(config: ClipConfig, images_and_captions: Iterable, *, steps: int,
         raise UsageError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     torch.manual_seed(seed)
     encoders = load_clip(config, device, trainable=True)
-    optimizer = torch.optim.AdamW(_param_groups(encoders, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(_param_groups(encoders, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup, steps))
     loss_fn, logit_scale = ClipLoss(), encoders.clip.logit_scale
     batches = _batches(images_and_captions, batch_size, torch.Generator().manual_seed(seed))

@@ -179,7 +179,17 @@ class Trainer:
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
 
+    def _check_ranks_agree(self) -> None:
+        """All ranks must hold the same weights (a cheap fingerprint, compared at every checkpoint)."""
+        fingerprint = torch.stack([p.detach().double().sum() for p in self.objective.parameters()]).to(self.device)
+        gathered = [torch.empty_like(fingerprint) for _ in range(self.world)]
+        dist.all_gather(gathered, fingerprint)
+        if any(not torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise CtxdiffError(f"ranks disagree on the weights at step {self.step}; training stopped")
+
     def save_checkpoint(self) -> Path | None:
+        if self.world > 1:
+            self._check_ranks_agree()
         if self.rank == 0:
             state = {"model": self.objective.state_dict(), "ema": self.ema.shadow.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

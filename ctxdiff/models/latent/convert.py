@@ -4,7 +4,8 @@ Our U-Net and VAE use diffusers' parameter names and the text encoder transforme
 CLIPTextModel names, so diffusers folders load as they are. A CompVis checkpoint stores
 
     model.diffusion_model.*                   the U-Net (input_blocks / middle_block / output_blocks)
-    model_ema.*                               its EMA copy, dots removed ("model_ema.diffusion_modelinput_blocks00weight")
+    model_ema.*                               its EMA copy, dots removed
+                                              ("model_ema.diffusion_modelinput_blocks00weight")
     first_stage_model.*                       the VAE (encoder.down.N.block.M, mid.attn_1 with 1x1-conv q/k/v)
     cond_stage_model.transformer.text_model.* SD 1.x text (transformers names)
     cond_stage_model.model.*                  SD 2.x text (open_clip names, fused attn.in_proj)
@@ -65,7 +66,8 @@ def unet_module_map(config: LatentUNetConfig) -> ModuleMap:
             if attention:
                 m.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * per + j}.1", {}))
         if i < n - 1:
-            m.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{i * per + per - 1}.{2 if attention else 1}.conv", {}))
+            upsampler = f"output_blocks.{i * per + per - 1}.{2 if attention else 1}.conv"
+            m.append((f"up_blocks.{i}.upsamplers.0.conv", upsampler, {}))
     return m
 
 

@@ -101,7 +101,8 @@ def load_sd(path: str | Path, *, prediction_type: str | None = None, use_ema: bo
     """Load an SD 1.x/2.x checkpoint (CompVis single file or diffusers folder); see the module doc."""
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise CtxdiffError(f"prediction type {prediction_type!r} is not known; use one of {', '.join(PREDICTION_TYPES)}")
+        raise CtxdiffError(f"prediction type {prediction_type!r} is not known; "
+                           f"use one of {', '.join(PREDICTION_TYPES)}")
     if path.is_dir():
         return _load_diffusers(path, prediction_type, device, dtype)
     return _load_single_file(path, prediction_type, use_ema, device, dtype)
@@ -225,11 +226,13 @@ def _load_diffusers(folder: Path, prediction_type, device, dtype) -> LatentModel
         raise CtxdiffError(f"{folder}/{e}") from e
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_path, "the scheduler config") if sched_path.is_file() else {}
-    if sched.get("trained_betas") is not None:
-        raise CtxdiffError(f"{sched_path}: trained_betas are not supported; use a scaled_linear or linear schedule")
+    if sched.get("trained_betas") is not None or sched.get("rescale_betas_zero_snr"):
+        raise CtxdiffError(f"{sched_path}: trained_betas / rescale_betas_zero_snr are not supported; "
+                           "use a scaled_linear or linear schedule")
     scheduler = SchedulerInfo(**{k: sched[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start",
                                                         "beta_end") if k in sched})
-    text_state = {k.removeprefix("text_model."): v for k, v in _read_weights(folder / "text_encoder", _HF_WEIGHTS).items()}
+    text_weights = _read_weights(folder / "text_encoder", _HF_WEIGHTS)
+    text_state = {k.removeprefix("text_model."): v for k, v in text_weights.items()}
     text_state.pop("embeddings.position_ids", None)
     return LatentModels(
         _build(LatentUNet, config.unet, _read_weights(folder / "unet", _DIFFUSERS_WEIGHTS), device, dtype,

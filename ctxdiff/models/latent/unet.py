@@ -76,7 +76,10 @@ class LatentUNetConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "LatentUNetConfig":
-        """The config of a diffusers `unet/config.json`; features SD 1.x/2.x never use are refused."""
+        """The config of a diffusers `unet/config.json`; features SD 1.x/2.x never use are refused.
+
+        `upcast_attention` (SD 2.1, fp16) is not needed: the fused SDPA kernels accumulate the softmax in float32.
+        """
         unsupported = [f"{key}={config[key]!r}" for key, default in _DIFFUSERS_DEFAULTS.items()
                        if key in config and config[key] != default]
         down = list(config.get("down_block_types", ()))

@@ -1,0 +1,80 @@
+"""CLI conventions: help, version, one-line errors with the right exit codes, fresh completions."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctxdiff import __version__
+from ctxdiff.cli import main
+from ctxdiff.cli.completions import GENERATORS, SHELLS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ctxdiff", *args], capture_output=True, text=True, input=stdin,
+                          env=env, timeout=120)
+
+
+def test_help_lists_the_subcommands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("train", "generate", "evaluate"):
+        assert command in result.stdout
+
+
+def test_version_prints_the_package_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ctxdiff {__version__}"
+
+
+def test_unknown_recipe_key_is_a_one_line_usage_error(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  stpes: 3\n")
+    assert main(["train", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.stpes" in err and "train.steps" in err and "Traceback" not in err
+
+
+def test_bad_set_override_is_a_one_line_usage_error(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    assert main(["train", "--recipe", str(recipe), "--set", "train.steps=many"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.steps" in err
+    assert main(["train", "--recipe", str(recipe), "--set", "nonsense"]) == 2
+
+
+def test_missing_recipe_file_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "--recipe", str(tmp_path / "absent.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "absent.yaml" in err
+
+
+def test_print_recipe_shows_the_resolved_values(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  steps: 3\n")
+    assert main(["train", "--recipe", str(recipe), "--set", "train.lr=3e-4", "--print-recipe"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "lr: 0.0003" in out
+
+
+def test_unknown_option_exits_2_without_traceback():
+    result = run_cli("generate", "--no-such-flag")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("shell", sorted(SHELLS))
+def test_committed_completion_scripts_are_fresh(shell):
+    committed = (ROOT / "completions" / SHELLS[shell]).read_text()
+    assert committed == GENERATORS[shell](), (
+        f"completions/{SHELLS[shell]} is stale: run `python -m ctxdiff.cli.completions completions/`")
+
+
+def test_bash_completion_script_parses():
+    result = subprocess.run(["bash", "-n", str(ROOT / "completions" / SHELLS["bash"])], capture_output=True)
+    assert result.returncode == 0, result.stderr
