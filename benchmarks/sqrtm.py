@@ -5,6 +5,9 @@ The sqrtm route is clean-fid's formula, tr((S1 S2)^(1/2)) from `sqrtm(S1 @ S2)`,
 the `disp` argument that SciPy 1.18 removes.
 
     python benchmarks/sqrtm.py [--dim 2048] [--samples 4000] [--repeats 3]
+
+Timings depend on the BLAS threads and the machine's load: on a shared machine,
+OPENBLAS_NUM_THREADS=1 gives steadier numbers.
 """
 
 from __future__ import annotations

@@ -223,7 +223,30 @@ class UNet(nn.Module):
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
 
 
-UNET_PRESETS: dict[str, UNetConfig] = {}
+_SHAPES_TEXT = dict(text_dim=128, pooled_dim=128)   # the bundled small CLIP trained on the shapes world
+_CLIP_B32_TEXT = dict(text_dim=512, pooled_dim=512)  # CLIP ViT-B/32: text width 512, projection 512
+_EFFICIENT_SR = dict(lowres_cond=True, efficient=True, scale_skip=True)
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # Test-sized nets (~0.26M, ~0.38M parameters).
+    "tiny": UNetConfig(image_size=32, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                       attention_levels=(1,), heads=2, text_dim=32, pooled_dim=32),
+    "tiny-sr": UNetConfig(image_size=64, base_channels=16, channel_mults=(1, 2), num_res_blocks=(1, 2),
+                          attention_levels=(1,), heads=2, text_dim=32, pooled_dim=32, **_EFFICIENT_SR),
+    # The bundled default model, sized to train on 2 CPU cores: 32x32 base (~5.4M) and
+    # 32 -> 64 super-resolution (~2.5M); attention at the 8x8 (base) and 16x16 (SR) levels.
+    "shapes-base": UNetConfig(image_size=32, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=2,
+                              attention_levels=(2,), head_dim=32, **_SHAPES_TEXT),
+    "shapes-sr": UNetConfig(image_size=64, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 2, 3),
+                            attention_levels=(2,), head_dim=32, **_SHAPES_TEXT, **_EFFICIENT_SR),
+    # Paper scale (Sec. 4.1, Imagen): ADM-style 64x64 base with attention at 32, 16 and 8
+    # (~654M), and Imagen's Efficient U-Net 64 -> 256 (dims 128 x (1, 2, 4, 8), blocks
+    # (2, 4, 8, 8), attention at the lowest level; ~897M).
+    "base64": UNetConfig(image_size=64, base_channels=256, channel_mults=(1, 2, 3, 4), num_res_blocks=3,
+                         attention_levels=(1, 2, 3), head_dim=64, dropout=0.1, **_CLIP_B32_TEXT),
+    "sr256": UNetConfig(image_size=256, base_channels=128, channel_mults=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 8),
+                        attention_levels=(3,), head_dim=64, **_CLIP_B32_TEXT, **_EFFICIENT_SR),
+}
 
 
 def build_unet(name_or_config: str | UNetConfig) -> UNet:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
                                  save_training_state, training_state_path)
@@ -79,6 +80,28 @@ class DenoisingObjective(nn.Module):
 
         return diffusion_loss(self.sched, x0_fn, x0, cond, self.adapter, t=t, noise=noise,
                               weighting=self.weighting, gamma=self.gamma)
+
+
+class _StepBatches:
+    """Batch sampler: the index lists of steps start, start + 1, ... (a pure function of the step)."""
+
+    def __init__(self, length: int, seed: int, start: int, batch_size: int) -> None:
+        self.length, self.seed, self.start, self.batch_size = length, seed, start, batch_size
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield batch_indices(self.length, self.seed, step, self.batch_size)
+            step += 1
+
+
+def _collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def _batched(stream, size: int):
+    while True:
+        yield _collate([next(stream) for _ in range(size)])
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -226,16 +249,19 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _global_batch(self) -> tuple[torch.Tensor, list[str]]:
+        """The global batch of the current step (the same on every rank; each keeps its slice)."""
         size = self.recipe.train.batch_size
-        if isinstance(self.dataset, ShardStream):
-            if self._stream is None:
-                self._stream = iter(self.dataset)
+        if self._stream is None:
+            if isinstance(self.dataset, ShardStream):
+                stream = iter(self.dataset)
                 for _ in range(self.step * size):  # resume: pass over what was read
-                    next(self._stream)
-            items = [next(self._stream) for _ in range(size)]
-        else:
-            items = [self.dataset[i] for i in batch_indices(len(self.dataset), self.recipe.train.seed, self.step, size)]
-        return torch.stack([x for x, _ in items]), [c for _, c in items]
+                    next(stream)
+                self._stream = _batched(stream, size)
+            else:
+                order = _StepBatches(len(self.dataset), self.recipe.train.seed, self.step, size)
+                self._stream = iter(DataLoader(self.dataset, batch_sampler=order, num_workers=self.recipe.train.num_workers,
+                                               collate_fn=_collate, persistent_workers=False))
+        return next(self._stream)
 
     # ------------------------------------------------------------------ loop
 
