@@ -50,7 +50,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Run write(temp) on a temp file beside `path`, fsync it, then rename it onto `path`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def save_bundle(
         "configs": json.dumps(_jsonable(configs)),
         "extra": json.dumps(_jsonable(extra or {})),
     }
-    _atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp), metadata=metadata))
+    atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, str(temp), metadata=metadata))
     return path
 
 
@@ -324,7 +324,7 @@ def training_state_path(folder: str | Path, step: int) -> Path:
 def save_training_state(path: str | Path, state: Mapping[str, Any]) -> Path:
     """torch.save `state` atomically (model/EMA/optimizer/scheduler state dicts, step, RNG, data position)."""
     path = Path(path)
-    _atomic_write(path, lambda temp: torch.save(dict(state), temp))
+    atomic_write(path, lambda temp: torch.save(dict(state), temp))
     return path
 
 

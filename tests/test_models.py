@@ -33,10 +33,10 @@ def sr_inputs(x: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sr"])
-@pytest.mark.parametrize("size", [16, 48])
+@pytest.mark.parametrize("size", [(16, 16), (48, 32)])
 def test_unet_predicts_x0_shaped_like_x_t_at_any_divisible_resolution(preset, size):
     net = build_unet(preset)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(2, 3, *size)
     extra = sr_inputs(x) if net.config.lowres_cond else {}
     assert net(x, torch.tensor([1, 1000]), text(2), **extra).shape == x.shape
 
@@ -61,7 +61,7 @@ def test_unet_output_depends_on_text_tokens_pooled_text_and_timestep():
     x, t, cond = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), text(2)
     out = net(x, t, cond)
     other_tokens = TextCondition(text(2, seed=1).tokens, cond.mask, cond.pooled)
-    other_pooled = TextCondition(cond.tokens, cond.mask, cond.pooled + 1.0)
+    other_pooled = TextCondition(cond.tokens, cond.mask, text(2, seed=1).pooled)
     assert not torch.allclose(out, net(x, t, other_tokens), atol=1e-4)
     assert not torch.allclose(out, net(x, t, other_pooled), atol=1e-4)
     assert not torch.allclose(out, net(x, t + 200, cond), atol=1e-4)
@@ -126,6 +126,7 @@ def test_adapter_after_one_step_is_nonzero_and_depends_on_text_and_timestep():
     assert not torch.allclose(r, adapter(x0, cond, 900), atol=1e-5)
     torch.testing.assert_close(r, adapter(x0, cond, torch.tensor([100, 100])))
     torch.testing.assert_close(r[1:], adapter(x0[1:], cond[1:], 100))
+    assert adapter(torch.randn(1, 3, 48, 24), cond[:1], 100).shape == (1, 3, 48, 24)   # resampled positions
 
 
 def test_adapter_clip_branch_reads_frozen_external_tokens_kept_out_of_its_state():
@@ -147,7 +148,7 @@ def test_adapter_clip_branch_reads_frozen_external_tokens_kept_out_of_its_state(
     assert calls == [False]
     r = adapter(x0, cond, 5)
     with torch.no_grad():
-        encoder.weight.add_(1.0)
+        encoder.weight.neg_()
     assert r.shape == x0.shape and not torch.allclose(r, adapter(x0, cond, 5), atol=1e-5)
     with pytest.raises(ValueError, match="image_encoder"):
         ContextAdapter(config)

@@ -15,10 +15,11 @@ import typer
 
 import ctxdiff
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.output import emit_json, info, print_table
+from ctxdiff.cli.common import pick_device
+from ctxdiff.cli.output import emit_json, info, print_table, progress_bar
 from ctxdiff.errors import CtxdiffError, UsageError
 
-DEFAULT_CLIP = Path(ctxdiff.__file__).parent / "assets" / "shapes-clip.safetensors"
+DEFAULT_CLIP = Path(ctxdiff.__file__).parent / "assets" / "shapes-default.safetensors"  # its CLIP
 VIDEO_COLUMNS = {"text_alignment": "text alignment", "temporal_consistency_all_pairs": "consistency (all pairs)",
                  "temporal_consistency_consecutive": "consistency (consecutive)"}
 
@@ -40,6 +41,14 @@ class EvalRequest:
     clip_weights: str | None = None
     batch_size: int = 32
     device: str = "cpu"
+    model: Path | None = None
+    num: int | None = None
+    seed: int = 0
+    guidance: float | None = None
+    steps: int | None = None
+    adapter: bool = True
+    data: str | None = None
+    bpd_timesteps: int | None = None
 
     def need(self, name: str, flag: str) -> Any:
         value = getattr(self, name)
@@ -71,6 +80,8 @@ def _feature_stats(req: EvalRequest):
     from ctxdiff.metrics.fid import dataset_stats, feature_extractor, save_stats
 
     real = req.need("real", "--real DIR|STATS.npz")
+    if req.model is not None:
+        _generate_fakes(req)
     if req.fake is None and req.save_stats is None:
         raise UsageError(f"--metric {req.metric} needs --fake DIR (or only --save-stats PATH, to save "
                          "the statistics of --real)")
@@ -112,6 +123,67 @@ def kid_metric(req: EvalRequest) -> MetricResult:
     extractor, real, fake = _feature_stats(req)
     value = None if fake is None else kid_between(real, fake)
     return summary(_distance_record(req, extractor, real, fake, value))
+
+
+def _pipeline(req: EvalRequest):
+    from ctxdiff.pipelines.text2image import Text2Image
+
+    return Text2Image.from_bundle(req.model, req.device)
+
+
+def _sampling_params(req: EvalRequest, pipe):
+    from dataclasses import replace
+
+    d = pipe.defaults
+    return replace(d, guidance=d.guidance if req.guidance is None else req.guidance, steps=req.steps or d.steps,
+                   adapter=req.adapter)
+
+
+def _generate_fakes(req: EvalRequest) -> None:
+    """The zero-shot protocol: -n captions sampled from --prompts, generated into --fake (resumable)."""
+    from ctxdiff.data.images import read_prompt_lines
+    from ctxdiff.pipelines.batch_generate import generate_to_folder, sample_captions
+
+    fake = req.need("fake", "--fake DIR (where the generated images go)")
+    captions = sample_captions(read_prompt_lines(req.need("prompts", "--prompts FILE (captions to sample)")),
+                               req.need("num", "-n N (images to generate)"), req.seed)
+    pipe = _pipeline(req)
+    with progress_bar(f"generate {len(captions)} for {req.metric}", len(captions)) as bar:
+        generate_to_folder(pipe, captions, fake, req.seed, _sampling_params(req, pipe), req.batch_size, bar)
+
+
+def bpd_metric(req: EvalRequest) -> MetricResult:
+    """The variational bound (Eq. 4, Appendix A.2) in bits/dim of the base stage on held-out images."""
+    import torch
+
+    from ctxdiff.data.datasets import open_dataset
+    from ctxdiff.diffusion import variational_bound
+
+    req.need("model", "--model BUNDLE")
+    pipe = _pipeline(req)
+    size = pipe.base.unet.config.image_size
+    data = open_dataset(req.need("data", "--data DIR|shapes"), size, shapes_count=req.num or 256, shapes_seed=4242)
+    count = min(len(data), req.num or len(data))
+    generator = torch.Generator().manual_seed(req.seed)
+    adapter = pipe.base.adapter if req.adapter else None
+    x0_fn = pipe.base.x0_fn(clip_x0=False)
+    totals, parts = [], {"prior": 0.0, "diffusion": 0.0, "decoder": 0.0}
+    with progress_bar("bits/dim", count) as bar:
+        for start in range(0, count, req.batch_size):
+            items = [data[i] for i in range(start, min(count, start + req.batch_size))]
+            x0 = torch.stack([x for x, _ in items]).to(pipe.device)
+            cond = pipe.encode([c for _, c in items])
+            bound = variational_bound(pipe.sched, lambda x, c, t: x0_fn(x.float(), c, t).double(), x0, cond, adapter,
+                                      num_timesteps=req.bpd_timesteps, generator=generator)
+            totals.append(bound.total.cpu())
+            for name in parts:
+                parts[name] += getattr(bound, name).sum().item()
+            bar.advance(len(items))
+    record = {"metric": "bpd", "model": str(req.model), "data": req.data, "images": count, "adapter": req.adapter,
+              "bits_per_dim": torch.cat(totals).mean().item(),
+              **{f"{name}_bpd": value / count for name, value in parts.items()},
+              "timesteps": "all" if req.bpd_timesteps is None else req.bpd_timesteps}
+    return summary(record)
 
 
 def _load_clip(req: EvalRequest):
@@ -217,21 +289,13 @@ METRICS: dict[str, Callable[[EvalRequest], MetricResult]] = {
     "text-alignment": text_alignment_metric,
     "temporal-consistency": temporal_consistency_metric,
     "shapes": shapes_metric,
+    "bpd": bpd_metric,
 }
-
-
-def _device() -> str:
-    name = options().device
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @app.command()
 def evaluate(
-    metric: str = typer.Option(..., "--metric", "-m", help=f"One of: {', '.join(METRICS)}."),
+    metric: str = typer.Option("fid", "--metric", help=f"One of: {', '.join(METRICS)}."),
     real: Path | None = typer.Option(None, "--real", help="FID/KID reference: a folder of images or a .npz of statistics."),
     fake: Path | None = typer.Option(None, "--fake", help="FID/KID: the folder of generated images."),
     save_stats: Path | None = typer.Option(None, "--save-stats", help="FID/KID: save the statistics of --real to this .npz."),
@@ -244,14 +308,24 @@ def evaluate(
     clip_weights: str | None = typer.Option(None, "--clip-weights", help="CLIP weights file; default: the bundled shapes CLIP."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     out: Path | None = typer.Option(None, "--out", help="Also write the result JSON to this file."),
+    model: Path | None = typer.Option(None, "--model", help="fid/kid: generate --fake from --prompts first (zero-shot protocol); bpd: the model."),
+    num: int | None = typer.Option(None, "--num", "-n", min=1, help="Images to generate (zero-shot) or to score (bpd)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the caption sample and of image i (seed + i)."),
+    guidance: float | None = typer.Option(None, "--guidance", min=0.0, help="Guidance weight for generation (default: the model's)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps for generation (default: the model's)."),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="Generate / score with r = 0 (plain diffusion)."),
+    data: str | None = typer.Option(None, "--data", help="bpd: held-out images (a folder with .txt captions, or 'shapes')."),
+    bpd_timesteps: int | None = typer.Option(None, "--bpd-timesteps", min=1, help="bpd: estimate the sum over t from this many random steps (default: all T)."),
+    sweep: str | None = typer.Option(None, "--sweep", help="guidance=1.5,3,4.5,...: generate and score per value (with --model), plus a plot."),
 ) -> None:
     """Score images or videos: FID/KID against reference images, CLIP score, video text alignment
     and temporal consistency, or the shapes judge."""
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}'; use one of: {', '.join(METRICS)}")
     request = EvalRequest(metric, real, fake, save_stats, features, images, list(videos or []), prompts,
-                          prompt, clip_arch, clip_weights, batch_size, _device())
-    result = METRICS[metric](request)
+                          prompt, clip_arch, clip_weights, batch_size, str(pick_device()),
+                          model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps)
+    result = run_sweep(request, sweep) if sweep else METRICS[metric](request)
     print_table(f"evaluate: {metric}", result.columns, result.rows)
     emit_json(result.record)
     if out is not None:
@@ -259,3 +333,45 @@ def evaluate(
 
         write_json_atomic(out, result.record)
         info(f"wrote {out}")
+
+
+def run_sweep(req: EvalRequest, sweep: str) -> MetricResult:
+    """--sweep guidance=1.5,3,...: per value, generate into --fake/guidance-<v>/ and measure FID
+    (against --real) and CLIP score; a table and a plot of CLIP score against FID (paper Fig. 11)."""
+    from dataclasses import replace
+
+    name, _, values = sweep.partition("=")
+    if name != "guidance" or not values:
+        raise UsageError(f"--sweep {sweep!r}: use --sweep guidance=1.5,3,4.5,6,7.5,9")
+    try:
+        weights = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise UsageError(f"--sweep {sweep!r}: the values must be numbers") from None
+    req.need("model", "--model BUNDLE")
+    base = req.need("fake", "--fake DIR (the sweep writes DIR/guidance-<value>/)")
+    rows, records = [], []
+    for weight in weights:
+        sub = replace(req, metric="fid", guidance=weight, fake=base / f"guidance-{weight:g}")
+        fid = fid_metric(sub).record["fid"]
+        clip = clip_score_metric(replace(sub, images=sub.fake, prompts=None)).record["mean_cosine"]
+        records.append({"guidance": weight, "fid": fid, "clip_mean_cosine": clip})
+        rows.append((weight, fid, clip))
+    plot = base / "sweep.png"
+    _plot_sweep(records, plot, req.features)
+    return MetricResult({"metric": "sweep", "model": str(req.model), "features": req.features, "points": records,
+                         "plot": str(plot)}, ["guidance", "FID", "CLIP score (mean cosine)"], rows)
+
+
+def _plot_sweep(records: list[dict], path: Path, features: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([r["fid"] for r in records], [r["clip_mean_cosine"] for r in records], marker="o")
+    for r in records:
+        ax.annotate(f"{r['guidance']:g}", (r["fid"], r["clip_mean_cosine"]))
+    ax.set(xlabel=f"FID ({features} features)", ylabel="CLIP score (mean cosine)", title="guidance sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

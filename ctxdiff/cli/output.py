@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -58,23 +59,48 @@ def _fmt(value: Any) -> str:
 
 @contextmanager
 def progress_bar(description: str, total: int, fields: Iterable[str] = ()) -> Iterator["ProgressHandle"]:
-    """A rich progress bar on stderr; `handle.advance(**fields)` updates it. Silent with --quiet."""
+    """A rich progress bar on stderr; `handle.advance(**fields)` updates it. Silent with --quiet.
+    When stderr is not a terminal (logs, pipelines) it prints a plain line every 5% instead."""
+    if options().quiet:
+        yield ProgressHandle(None, None)
+        return
+    if not stderr.is_terminal:
+        yield LineProgress(description, total)
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn()]
     columns += [TextColumn(f"{name}={{task.fields[{name}]}}") for name in fields]
-    progress = Progress(*columns, console=stderr, disable=options().quiet, transient=False)
+    progress = Progress(*columns, console=stderr, transient=False)
     with progress:
         task = progress.add_task(description, total=total, **{name: "-" for name in fields})
         yield ProgressHandle(progress, task)
 
 
 class ProgressHandle:
-    def __init__(self, progress: Progress, task) -> None:
+    def __init__(self, progress: Progress | None, task) -> None:
         self._progress, self._task = progress, task
 
     def advance(self, n: int = 1, **fields: Any) -> None:
-        self._progress.update(self._task, advance=n, **{k: _fmt(v) for k, v in fields.items()})
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, **{k: _fmt(v) for k, v in fields.items()})
 
     def callback(self, **_: Any) -> None:
         """Use as a sampler callback: one tick per step."""
         self.advance()
+
+
+class LineProgress(ProgressHandle):
+    """Progress for a log file: `description 120/2000 (6%) 00:01:23 loss=0.1`, every 5%."""
+
+    def __init__(self, description: str, total: int) -> None:
+        super().__init__(None, None)
+        self.description, self.total, self.done = description, max(total, 1), 0
+        self.every, self.started = max(1, self.total // 20), time.perf_counter()
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        before, self.done = self.done, self.done + n
+        if self.done // self.every > before // self.every or self.done == self.total:
+            elapsed = time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - self.started))
+            extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            stderr.print(f"{self.description} {self.done}/{self.total} ({100 * self.done // self.total}%) "
+                         f"{elapsed} {extra}".rstrip(), soft_wrap=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ctxdiff.errors import CtxdiffError
+from ctxdiff.checkpoints import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -44,16 +42,7 @@ def save_png(path: str | Path, image: np.ndarray, metadata: dict | None = None) 
             info.add_itxt("prompt", str(metadata["prompt"]))
         info.add_itxt("parameters", "\n".join(f"{k}: {v}" for k, v in metadata.items()))
         info.add_itxt("ctxdiff", json.dumps(metadata, default=str))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise CtxdiffError(f"{path}: cannot write the image ({exc.strerror})") from None
+    atomic_write(path, lambda temp: Image.fromarray(image).save(temp, format="PNG", pnginfo=info))
     return path
 
 

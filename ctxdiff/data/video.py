@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Literal
 import numpy as np
 from PIL import Image
 
-from ctxdiff.checkpoints import _atomic_write
+from ctxdiff.checkpoints import atomic_write
 from ctxdiff.data.images import fit_image, list_images, read_images
 from ctxdiff.errors import CtxdiffError, UsageError
 
@@ -127,7 +127,7 @@ def write_json_atomic(path: str | Path, record: dict) -> Path:
     """Write `record` as indented JSON through a temporary file renamed onto `path`."""
     path = Path(path)
     text = json.dumps(record, indent=2, default=str) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -207,7 +207,7 @@ def _encode(path: Path, container_format: str, codec: str, pix_fmt: str, fps: fl
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _rgb_frames(frames: np.ndarray) -> Iterator:

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from ctxdiff.checkpoints import _atomic_write
+from ctxdiff.checkpoints import atomic_write
 from ctxdiff.errors import CtxdiffError, UsageError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -129,7 +129,7 @@ def save_stats(path: str | Path, stats: FeatureStats) -> Path:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

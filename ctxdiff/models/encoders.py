@@ -33,13 +33,14 @@ from ctxdiff.models.conditioning import TextCondition
 
 # ctxdiff's own small CLIPs, in open_clip's model-config format (embed_dim, vision_cfg, text_cfg).
 # Both use open_clip's bundled BPE vocabulary (49408 tokens), so the token embedding dominates
-# their size: shapes-clip 7.98M parameters (6.32M of them token embedding), tiny-clip 1.64M (1.58M).
+# their size: shapes-clip ~2.9M parameters (2.37M of them token embedding, hence the narrow
+# 48-wide text tower: the default model must ship in <= 25 MB), tiny-clip 1.64M (1.58M).
 CUSTOM_ARCHS: dict[str, dict] = {
     # 64x64 input with 8x8 patches: 64 patch tokens; 32x32 images are upsampled (bicubic) to it.
     "shapes-clip": {
-        "embed_dim": 128,
-        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+        "embed_dim": 96,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 4},
     },
     # For tests: 16 patch tokens of width 32, 2 layers per tower.
     "tiny-clip": {
@@ -272,7 +273,8 @@ def _cached_pretrained(arch: str, tag: str, tag_cfg: dict) -> str:
 
 
 def _read_clip_bundle(path: str) -> tuple[ClipConfig, dict[str, torch.Tensor]] | None:
-    """(config, CLIP state dict) of a ctxdiff "clip" bundle; None if `path` is not a ctxdiff bundle."""
+    """(config, CLIP state dict) of a ctxdiff "clip" bundle, or of the CLIP inside a "t2i" bundle
+    (a text-to-image model carries its encoders); None if `path` is not a ctxdiff bundle."""
     if not path.endswith(".safetensors"):
         return None
     try:
@@ -281,7 +283,9 @@ def _read_clip_bundle(path: str) -> tuple[ClipConfig, dict[str, torch.Tensor]] |
                 return None
     except safetensors.SafetensorError:
         return None  # read_state_dict reports the corrupt file
-    bundle = load_bundle(path, kind="clip")
+    bundle = load_bundle(path)
+    if bundle.kind not in ("clip", "t2i"):
+        raise CtxdiffError(f"{path}: a '{bundle.kind}' bundle holds no CLIP; pass a clip or t2i bundle")
     try:
         config = ClipConfig(**bundle.configs["clip"])
         state = bundle.tensors["clip"]

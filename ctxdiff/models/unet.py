@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -198,8 +199,8 @@ class UNet(nn.Module):
         batch = x_t.shape[0]
         emb = self.time_embed(batch_timesteps(t, batch, x_t.device)) + self.pooled_embed(cond.pooled)
         if self.lowres_embed is not None:
-            level = torch.zeros(batch, device=x_t.device) if lowres_t is None else batch_timesteps(lowres_t, batch, x_t.device)
-            emb = emb + self.lowres_embed(level)
+            level = 0.0 if lowres_t is None else lowres_t
+            emb = emb + self.lowres_embed(batch_timesteps(level, batch, x_t.device))
             x_t = torch.cat([x_t, lowres], dim=1)
         context, mask = cond.tokens, cond.mask
 
@@ -220,7 +221,7 @@ class UNet(nn.Module):
             h = level.post(h)
         if self.final is not None:
             h = self._run(self.final, torch.cat([h, stem * self.skip_scale], dim=1), emb, context, mask)
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 _SHAPES_TEXT = dict(text_dim=128, pooled_dim=128)   # the bundled small CLIP trained on the shapes world

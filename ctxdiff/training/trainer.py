@@ -149,11 +149,11 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self._check_output()
 
+        torch.manual_seed(cfg.seed)  # a CLIP without weights (tests) is random: make it the same on resume
         self.clip = load_clip(recipe.model.clip, self.device)
         unet_cfg = recipe.model.unet
         if cfg.gradient_checkpointing and not unet_cfg.gradient_checkpointing:
             unet_cfg = replace(unet_cfg, gradient_checkpointing=True)
-        torch.manual_seed(cfg.seed)
         unet = UNet(unet_cfg)
         adapter = build_adapter(recipe.model.adapter, self.clip) if recipe.model.adapter is not None else None
         self.objective = DenoisingObjective(unet, adapter, recipe).to(self.device)
@@ -239,7 +239,8 @@ class Trainer:
             stages = {"": base.base, "sr_": self.ema_stage()}
         else:
             stages = {"": self.ema_stage()}
-        return save_t2i_bundle(path, self.clip, stages, configs, extra)
+        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[r.export_dtype]
+        return save_t2i_bundle(path, self.clip, stages, configs, extra, dtype=dtype)
 
     def _base_pipeline(self) -> Text2Image:
         if not self.recipe.model.base_model:

@@ -1,0 +1,36 @@
+"""Generation for evaluation: many prompts into one folder, resumable (the zero-shot protocol)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from ctxdiff.data.png import save_png, to_uint8
+from ctxdiff.errors import CtxdiffError
+from ctxdiff.pipelines.text2image import SamplingParams, Text2Image
+
+
+def sample_captions(captions: list[str], n: int, seed: int) -> list[str]:
+    """n captions drawn without replacement (seeded), as the paper samples 30K MS-COCO captions."""
+    if len(captions) < n:
+        raise CtxdiffError(f"the prompts file has {len(captions)} prompts, fewer than -n {n}; "
+                           "pass a smaller -n or more prompts")
+    return random.Random(seed).sample(captions, n)
+
+
+def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed: int, params: SamplingParams,
+                       batch_size: int = 32, progress=None) -> list[Path]:
+    """Image i is prompts[i] with seed + i, written as folder/{i:05d}.png (PNG metadata: prompt,
+    seed, parameters). Images already in the folder are kept, so an interrupted run resumes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:05d}.png" for i in range(len(prompts))]
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        images = to_uint8(pipe.sample([prompts[i] for i in batch], [seed + i for i in batch], params))
+        for i, image in zip(batch, images):
+            save_png(paths[i], image, {"prompt": prompts[i], "seed": seed + i, **asdict(params), "model": pipe.source})
+        if progress is not None:
+            progress.advance(len(batch))
+    return paths
