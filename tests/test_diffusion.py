@@ -299,3 +299,23 @@ def test_adapter_free_bound_equals_the_ddpm_bound():
     assert torch.allclose(ours.prior, prior.flatten(1).sum(1) * nats_to_bits, atol=1e-10)
     assert torch.allclose(ours.diffusion, diff * nats_to_bits, atol=1e-8)
     assert dims == x0[0].numel()
+
+
+def test_one_stacked_adapter_call_equals_two_separate_calls():
+    sched = make_schedule("cosine", T)
+    calls = []
+
+    def adapter(x0, cond, t):  # depends on x0, the text and t
+        calls.append(x0.shape[0])
+        return linear_adapter(x0, None, t) + cond.pooled[:, :1, None] * 0.3
+
+    cond = TextCondition(torch.randn(2, 3, 4, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool),
+                         torch.randn(2, 4, dtype=torch.float64))
+    x_t, x0_hat = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    stacked = ddim_step(sched, x_t, 30, 20, x0_hat, adapter, cond)
+    assert calls == [4]  # one call on the doubled batch
+    separate = ddim_step(sched, x_t, 30, 20, x0_hat, lambda x, c, t: adapter(x, cond, t), None)
+    assert torch.allclose(stacked, separate, atol=1e-12)
+    mean, _ = q_posterior(sched, x_t, x0_hat, 30, adapter, cond)
+    mean_separate, _ = q_posterior(sched, x_t, x0_hat, 30, lambda x, c, t: adapter(x, cond, t), None)
+    assert torch.allclose(mean, mean_separate, atol=1e-12)

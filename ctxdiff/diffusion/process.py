@@ -31,6 +31,18 @@ def context_bias(sched: Schedule, x0: torch.Tensor, t: int | torch.Tensor,
     return sched.at("k", t, x0) * adapter(x0, cond, _as_batch(t, x0))
 
 
+def context_biases(sched: Schedule, x0: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor,
+                   adapter: Optional[Adapter], cond) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(k_t r_phi(x0, c, t), k_s r_phi(x0, c, s)) with one adapter call on the stacked batch
+    (every step of Eq. 2, 3, 9, 11 and the inversion needs the bias at two steps of one x0)."""
+    if adapter is None or not hasattr(type(cond), "cat") or (isinstance(s, int) and s == 0):
+        return context_bias(sched, x0, t, adapter, cond), context_bias(sched, x0, s, adapter, cond)
+    both = adapter(torch.cat([x0, x0]), type(cond).cat([cond, cond]),
+                   torch.cat([_as_batch(t, x0), _as_batch(s, x0)]))
+    r_t, r_s = both.chunk(2)
+    return sched.at("k", t, x0) * r_t, sched.at("k", s, x0) * r_s
+
+
 def q_sample(sched: Schedule, x0: torch.Tensor, t: int | torch.Tensor, adapter: Optional[Adapter] = None,
              cond=None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw x_t ~ q(x_t | x_0, c) = N(sqrt(abar_t) x_0 + k_t r_t, (1 - abar_t) I)   (Eq. 1)."""
@@ -46,8 +58,8 @@ def q_transition(sched: Schedule, x_prev: torch.Tensor, x0: torch.Tensor, t: int
     mean = sqrt(alpha_t) x_{t-1} + k_t r_t - sqrt(alpha_t) k_{t-1} r_{t-1},  variance = beta_t.
     """
     alpha = sched.at("alphas", t, x0)
-    shift = context_bias(sched, x0, t, adapter, cond) - alpha.sqrt() * context_bias(sched, x0, t - 1, adapter, cond)
-    return alpha.sqrt() * x_prev + shift, sched.at("betas", t, x0)
+    bias_t, bias_prev = context_biases(sched, x0, t, t - 1, adapter, cond)
+    return alpha.sqrt() * x_prev + bias_t - alpha.sqrt() * bias_prev, sched.at("betas", t, x0)
 
 
 def posterior_variance(sched: Schedule, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -67,8 +79,8 @@ def q_posterior(sched: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t: int | t
     alpha, beta = sched.at("alphas", t, x0), sched.at("betas", t, x0)
     coef_x0 = abar_prev.sqrt() * beta / (1 - abar)
     coef_xt = alpha.sqrt() * (1 - abar_prev) / (1 - abar)
-    mean = (coef_x0 * x0 + coef_xt * (x_t - context_bias(sched, x0, t, adapter, cond))
-            + context_bias(sched, x0, t - 1, adapter, cond))
+    bias_t, bias_prev = context_biases(sched, x0, t, t - 1, adapter, cond)
+    mean = coef_x0 * x0 + coef_xt * (x_t - bias_t) + bias_prev
     return mean, posterior_variance(sched, t, x0)
 
 
@@ -97,16 +109,13 @@ def ddpm_step(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, x0_hat:
 
 
 def predicted_noise(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, x0_hat: torch.Tensor,
-                    adapter: Optional[Adapter] = None, cond=None) -> torch.Tensor:
-    """eps_hat = (x_t - sqrt(abar_t) x0_hat - k_t r_phi(x0_hat, c, t)) / sqrt(1 - abar_t)   (Eq. 11); t >= 1."""
+                    adapter: Optional[Adapter] = None, cond=None, bias_t=None) -> torch.Tensor:
+    """eps_hat = (x_t - sqrt(abar_t) x0_hat - k_t r_phi(x0_hat, c, t)) / sqrt(1 - abar_t)   (Eq. 11); t >= 1.
+    `bias_t` passes k_t r_phi(x0_hat, c, t) when it is already known."""
     abar = sched.at("alpha_bar", t, x0_hat)
-    return (x_t - abar.sqrt() * x0_hat - context_bias(sched, x0_hat, t, adapter, cond)) / (1 - abar).sqrt()
-
-
-def _ddim_mean(sched, x0_hat, eps_hat, s, adapter, cond, sigma):
-    abar_s = sched.at("alpha_bar", s, x0_hat)
-    return (abar_s.sqrt() * x0_hat + context_bias(sched, x0_hat, s, adapter, cond)
-            + (1 - abar_s - sigma**2).clamp(min=0).sqrt() * eps_hat)
+    if bias_t is None:
+        bias_t = context_bias(sched, x0_hat, t, adapter, cond)
+    return (x_t - abar.sqrt() * x0_hat - bias_t) / (1 - abar).sqrt()
 
 
 def ddim_sigma(sched: Schedule, t: int | torch.Tensor, s: int | torch.Tensor, eta: float,
@@ -114,6 +123,16 @@ def ddim_sigma(sched: Schedule, t: int | torch.Tensor, s: int | torch.Tensor, et
     """sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s)   (Eq. 9)."""
     abar_t, abar_s = sched.at("alpha_bar", t, like), sched.at("alpha_bar", s, like)
     return eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+
+
+def _jump(sched: Schedule, x_from: torch.Tensor, t_from, t_to, x0_hat: torch.Tensor, adapter, cond,
+          sigma: torch.Tensor) -> torch.Tensor:
+    """The mean of Eq. 9 for a jump t_from -> t_to (either direction; sigma = 0 for Eq. 11 and the inversion):
+    sqrt(abar_to) x0_hat + k_to r_to + sqrt(1 - abar_to - sigma^2) eps_hat(x_from)."""
+    bias_from, bias_to = context_biases(sched, x0_hat, t_from, t_to, adapter, cond)
+    eps_hat = predicted_noise(sched, x_from, t_from, x0_hat, bias_t=bias_from)
+    abar_to = sched.at("alpha_bar", t_to, x0_hat)
+    return abar_to.sqrt() * x0_hat + bias_to + (1 - abar_to - sigma**2).clamp(min=0).sqrt() * eps_hat
 
 
 def ddim_step(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, s: int | torch.Tensor,
@@ -125,8 +144,7 @@ def ddim_step(sched: Schedule, x_t: torch.Tensor, t: int | torch.Tensor, s: int 
     with eps_hat from `predicted_noise` and r_. = r_phi(x0_hat, c, .).
     """
     sigma = ddim_sigma(sched, t, s, eta, x0_hat)
-    eps_hat = predicted_noise(sched, x_t, t, x0_hat, adapter, cond)
-    return _add_noise(_ddim_mean(sched, x0_hat, eps_hat, s, adapter, cond, sigma), sigma, noise)
+    return _add_noise(_jump(sched, x_t, t, s, x0_hat, adapter, cond, sigma), sigma, noise)
 
 
 def ddim_invert_step(sched: Schedule, x_s: torch.Tensor, s: int | torch.Tensor, t: int | torch.Tensor,
@@ -136,8 +154,7 @@ def ddim_invert_step(sched: Schedule, x_s: torch.Tensor, s: int | torch.Tensor, 
     eps_hat = (x_s - sqrt(abar_s) x0_hat - k_s r_s) / sqrt(1 - abar_s)
     x_t     = sqrt(abar_t) x0_hat + k_t r_t + sqrt(1 - abar_t) eps_hat
     """
-    eps_hat = predicted_noise(sched, x_s, s, x0_hat, adapter, cond)
-    return _ddim_mean(sched, x0_hat, eps_hat, t, adapter, cond, sigma=torch.zeros((), dtype=x0_hat.dtype))
+    return _jump(sched, x_s, s, t, x0_hat, adapter, cond, sigma=torch.zeros((), dtype=x0_hat.dtype))
 
 
 LOSS_WEIGHTINGS = ("constant", "snr", "min_snr")
