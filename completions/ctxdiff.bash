@@ -2,11 +2,20 @@
 _ctxdiff() {
   local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" w
   for w in "${COMP_WORDS[@]:1:COMP_CWORD-1}"; do
-    case "$w" in ) cmd="$w"; break;; esac
+    case "$w" in evaluate|generate|shapes|train) cmd="$w"; break;; esac
   done
   local opts choices=""
   case "$cmd" in
-    "") opts="--help -h"
+    "") opts="--device --json --quiet -q --debug --version --help -h evaluate generate shapes train"
+      ;;
+    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --help -h"
+      ;;
+    "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --eta --guidance -g --no-adapter --out -o --grid --batch-size --force --help -h"
+      case "$prev" in --sampler) choices="ddim ddpm";; esac
+      ;;
+    "shapes") opts="--n --seed --size --videos --frames --force --help -h"
+      ;;
+    "train") opts="--recipe -r --set --resume --print-recipe --help -h"
       ;;
   esac
   if [[ -n "$choices" ]]; then COMPREPLY=($(compgen -W "$choices" -- "$cur")); return; fi

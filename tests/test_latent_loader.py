@@ -159,21 +159,25 @@ def _fake_unet(output: torch.Tensor, seen: dict):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_x0_predictor_inverts_sd_outputs_exactly_at_paper_steps_1_mid_and_T(prediction_type):
+def test_x0_predictor_inverts_eq1_exactly_at_paper_steps_1_mid_and_T(prediction_type):
+    """x_t = sqrt(abar) x0 + k r + sqrt(1 - abar) eps (Eq. 1); the U-Net sees x_t, bias included, and an
+    output equal to the effective noise eps' = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (or its v) gives x0."""
     abar_all = SchedulerInfo().alphas_cumprod()
     t = torch.tensor([1, 500, 1000])
     g = torch.Generator().manual_seed(0)
-    x0, eps, bias = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    x0, eps, r = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
     abar = abar_all[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x0 + bias + (1 - abar).sqrt() * eps
-    output = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    k = abar.sqrt() * (1 - abar.sqrt())
+    x_t = abar.sqrt() * x0 + k * r + (1 - abar).sqrt() * eps
+    effective = eps + k * r / (1 - abar).sqrt()
+    output = effective if prediction_type == "epsilon" else abar.sqrt() * effective - (1 - abar).sqrt() * x0
     seen = {}
     predictor = as_x0_predictor(_fake_unet(output, seen), abar_all, prediction_type)
     cond = TextCondition(torch.zeros(3, 77, 8), torch.ones(3, 77, dtype=torch.bool), torch.zeros(3, 8))
-    x0_hat = predictor(x_t, cond, t, bias=bias)
+    x0_hat = predictor(x_t, cond, t)
     assert (x0_hat - x0).abs().max() < 1e-10
     assert seen["tau"].tolist() == [0, 499, 999]  # diffusers timestep = paper step - 1
-    assert torch.equal(seen["x"], x_t - bias)  # the U-Net sees the bias-free x_t
+    assert torch.equal(seen["x"], x_t)  # the U-Net sees the contextual x_t itself
 
 
 def test_x0_predictor_refuses_step_zero_and_unindexed_schedules():

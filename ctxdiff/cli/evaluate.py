@@ -173,7 +173,7 @@ def bpd_metric(req: EvalRequest) -> MetricResult:
             items = [data[i] for i in range(start, min(count, start + req.batch_size))]
             x0 = torch.stack([x for x, _ in items]).to(pipe.device)
             cond = pipe.encode([c for _, c in items])
-            bound = variational_bound(pipe.sched, lambda x, c, t: x0_fn(x.float(), c, t).double(), x0, cond, adapter,
+            bound = variational_bound(pipe.sched, x0_fn, x0, cond, adapter,
                                       num_timesteps=req.bpd_timesteps, generator=generator)
             totals.append(bound.total.cpu())
             for name in parts:

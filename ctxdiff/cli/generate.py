@@ -58,7 +58,11 @@ def default_model() -> Path:
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts; '-' reads one prompt per line from stdin."),
     from_file: Path = typer.Option(None, "--from-file", help="Read prompts from a file, one per line."),
-    model: Path = typer.Option(None, "--model", "-m", help="A t2i bundle from `ctxdiff train` (default: the bundled shapes model)."),
+    model: Path = typer.Option(None, "--model", "-m", help="A t2i bundle from `ctxdiff train`, or a Stable Diffusion 1.x/2.x checkpoint (file or diffusers folder) (default: the bundled shapes model)."),
+    adapter: Path = typer.Option(None, "--adapter", help="A latent adapter (from `ctxdiff train` with a `latent:` recipe) for the SD checkpoint of --model."),
+    height: int = typer.Option(None, "--height", min=8, help="SD checkpoints: image height in pixels (default: the model's, 512 for SD 1.x)."),
+    width: int = typer.Option(None, "--width", min=8, help="SD checkpoints: image width in pixels (default: the model's)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="SD checkpoints: decode in 512-pixel tiles (large images, less memory)."),
     num: int = typer.Option(1, "--num", "-n", min=1, help="Images per prompt."),
     seed: int = typer.Option(None, "--seed", help="Seed of the first image (random when omitted; always recorded)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps of the base stage (default: the model's)."),
@@ -74,19 +78,18 @@ def generate(
 ) -> None:
     """Generate images from text prompts (PNG text chunks carry prompt, seed and parameters)."""
     from ctxdiff.data.png import grid, save_png, to_uint8
-    from ctxdiff.pipelines.text2image import Text2Image
 
     texts = read_prompts(prompts or [], from_file)
     ensure_writable_folder(out, force)
     model_path = model or default_model()
-    pipe = Text2Image.from_bundle(model_path, pick_device())
+    pipe = _pipeline(model_path, adapter, height, width, vae_tiling)
     d = pipe.defaults
     params = replace(d, sampler=sampler.value if sampler else d.sampler, steps=steps or d.steps,
                      sr_steps=sr_steps or d.sr_steps, eta=d.eta if eta is None else eta,
                      guidance=d.guidance if guidance is None else guidance, adapter=not no_adapter)
     if params.steps > pipe.sched.T or params.sr_steps > pipe.sched.T:
         raise UsageError(f"--steps must be at most the model's {pipe.sched.T} diffusion steps")
-    if no_adapter and pipe.base.adapter is None:
+    if no_adapter and not pipe.has_adapter:
         warn("this model has no adapter; --no-adapter changes nothing")
     first_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
     jobs = [(p, first_seed + i * num + j) for i, p in enumerate(texts) for j in range(num)]
@@ -99,7 +102,7 @@ def generate(
             for k, ((prompt, image_seed), image) in enumerate(zip(batch, images)):
                 index = start + k
                 meta = {"prompt": prompt, "seed": image_seed, **asdict(params), "model": str(model_path),
-                        "size": f"{image.shape[1]}x{image.shape[0]}"}
+                        **({"adapter": str(adapter)} if adapter else {}), "size": f"{image.shape[1]}x{image.shape[0]}"}
                 path = save_png(out / f"{index:05d}-{safe_stem(prompt)}-{image_seed}.png", image, meta)
                 record = {"path": str(path), **meta}
                 emit_json(record)
@@ -114,3 +117,19 @@ def generate(
         print_table(f"{len(records)} image(s) in {out}", ["file", "prompt", "seed"],
                     [[Path(r["path"]).name, r["prompt"], r["seed"]] for r in records])
     info(f"seed {first_seed}" + (" (random)" if seed is None else ""))
+
+
+def _pipeline(model: Path, adapter: Path | None, height: int | None, width: int | None, vae_tiling: bool):
+    """A t2i bundle's cascade, or a Stable Diffusion checkpoint (with its latent adapter) in latent space."""
+    from ctxdiff.pipelines.latent import LatentText2Image, is_sd_model
+    from ctxdiff.pipelines.text2image import Text2Image
+
+    if is_sd_model(model):
+        return LatentText2Image.from_checkpoint(model, adapter, device=pick_device(), height=height, width=width,
+                                                vae_tiling=vae_tiling)
+    given = [flag for flag, value in (("--adapter", adapter), ("--height", height), ("--width", width),
+                                      ("--vae-tiling", vae_tiling)) if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only for Stable Diffusion checkpoints; {model} is a ctxdiff t2i bundle "
+                         "(it carries its own adapter and size)")
+    return Text2Image.from_bundle(model, pick_device())

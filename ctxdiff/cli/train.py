@@ -18,7 +18,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the recipe's output folder exactly."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe (YAML) and exit."),
 ) -> None:
-    """Train a ContextDiff model (base or super-resolution stage) or the small CLIP, from a recipe."""
+    """Train a ContextDiff model (base or super-resolution stage), an adapter over a Stable Diffusion
+    checkpoint (a recipe with `latent:`), or the small CLIP, from a recipe."""
     from ctxdiff.recipes import dump_recipe
     from ctxdiff.training.recipe import read_recipe
 
@@ -27,13 +28,17 @@ def train(
         typer.echo(dump_recipe(resolved), nl=False)
         return
     device = pick_device()
-    if resolved.train.stage == "clip":
+    if resolved.train.stage == "clip" and resolved.latent is None:
         _train_clip(resolved, device)
         return
-    from ctxdiff.training.trainer import Trainer
+    if resolved.latent is not None:
+        from ctxdiff.training.latent_adapter import LatentAdapterTrainer as Trainer
+    else:
+        from ctxdiff.training.trainer import Trainer
 
     trainer = Trainer(resolved, device, resume=resume, log=info)
-    with progress_bar(f"train {resolved.train.stage}", resolved.train.steps, ("loss", "lr", "it_s")) as bar:
+    what = "latent adapter" if resolved.latent is not None else resolved.train.stage
+    with progress_bar(f"train {what}", resolved.train.steps, ("loss", "lr", "it_s")) as bar:
         bar.advance(trainer.step)
 
         def on_step(record: dict) -> None:

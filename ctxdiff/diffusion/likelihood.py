@@ -58,12 +58,17 @@ def gaussian_kl(mean_q, var_q, mean_p, var_p) -> torch.Tensor:
 def variational_bound(sched: Schedule, x0_fn: Callable, x0: torch.Tensor, cond=None, adapter=None,
                       num_timesteps: Optional[int] = None,
                       generator: Optional[torch.Generator] = None) -> BitsPerDim:
-    """Bits/dim of the bound for data x0 in [-1, 1] (one draw of x_t per diffusion term).
+    """Bits/dim of the bound for data x0 in [-1, 1] (one draw of x_t per diffusion term). The
+    networks see inputs in x0's dtype; the terms are computed in float64.
 
     `num_timesteps` = None sums all T - 1 diffusion terms; an integer n estimates the sum without
     bias from n steps drawn uniformly from 2..T (scaled by (T - 1) / n).
     """
+    dtype = x0.dtype  # networks run in the data's dtype; the bound is accumulated in float64
     x0 = x0.double()
+    network, x0_fn = x0_fn, lambda x, c, t: network(x.to(dtype), c, t).double()
+    if adapter is not None:
+        adapter_net, adapter = adapter, lambda x, c, t: adapter_net(x.to(dtype), c, t).double()
     dims = x0[0].numel()
     to_bits = 1.0 / (dims * math.log(2.0))
 
@@ -84,15 +89,17 @@ def variational_bound(sched: Schedule, x0_fn: Callable, x0: torch.Tensor, cond=N
     for t in steps:
         x_t = q_sample(sched, x0, t, adapter, cond, noise=_randn(x0, generator))
         mean_q, var = q_posterior(sched, x_t, x0, t, adapter, cond)
-        x0_hat = x0_fn(x_t, cond, torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)).double()
+        x0_hat = x0_fn(x_t, cond, torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device))
         mean_p, _ = q_posterior(sched, x_t, x0_hat, t, adapter, cond)
         diffusion += per_sample((mean_q - mean_p) ** 2 / (2 * var)) * scale
 
     x_1 = q_sample(sched, x0, 1, adapter, cond, noise=_randn(x0, generator))
-    x0_hat = x0_fn(x_1, cond, torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)).double()
+    x0_hat = x0_fn(x_1, cond, torch.ones(x0.shape[0], dtype=torch.long, device=x0.device))
     decoder = per_sample(discretized_gaussian_nll(x0, x0_hat, sched.at("betas", 1, x0).sqrt()))
     return BitsPerDim(prior, diffusion, decoder)
 
 
 def _randn(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    """Noise drawn on the generator's device (a CPU generator serves CUDA data too), moved to the data's."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)

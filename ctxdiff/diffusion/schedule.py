@@ -67,3 +67,15 @@ def make_schedule(name: str, T: int) -> Schedule:
     alpha_bar = torch.cumprod(alphas, 0)
     k = alpha_bar.sqrt() * (1 - alpha_bar.sqrt())
     return Schedule(name, T, betas, alphas, alpha_bar, k)
+
+
+def schedule_from_alpha_bar(alpha_bar: torch.Tensor, name: str = "custom") -> Schedule:
+    """The Schedule of given paper-indexed abar [T + 1] (abar_0 = 1), e.g. a Stable Diffusion
+    checkpoint's `SchedulerInfo.alphas_cumprod()`: beta_t = 1 - abar_t / abar_{t-1}, k_t as above.
+    abar is kept as given (not re-accumulated), so the marginals are exactly the checkpoint's."""
+    abar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
+    if abar.ndim != 1 or abar.shape[0] < 2 or abar[0] != 1 or not bool((abar[1:] < abar[:-1]).all()):
+        raise ValueError("alpha_bar must be paper-indexed and decreasing: shape [T + 1] with alpha_bar[0] = 1")
+    betas = torch.cat([torch.zeros(1, dtype=torch.float64), 1 - abar[1:] / abar[:-1]])
+    k = abar.sqrt() * (1 - abar.sqrt())
+    return Schedule(name, abar.shape[0] - 1, betas, 1 - betas, abar, k)

@@ -130,14 +130,14 @@ class Text2Image:
         uncond = self.encode([""])
         base_size = self.base.unet.config.image_size
         channels = self.base.unet.config.in_channels
-        x_T = _noise([channels, base_size, base_size], generators, self.device)
+        x_T = seeded_noise([channels, base_size, base_size], generators, self.device)
         images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress)
         if self.sr is not None:
             size = self.sr.unet.config.image_size
             lowres = upsample(images, size)
             level = torch.full((len(prompts),), params.lowres_noise_level, device=self.device)
-            lowres = noise_augment(lowres, level, _noise(list(lowres.shape[1:]), generators, self.device))
-            x_T = _noise([channels, size, size], generators, self.device)
+            lowres = noise_augment(lowres, level, seeded_noise(list(lowres.shape[1:]), generators, self.device))
+            x_T = seeded_noise([channels, size, size], generators, self.device)
             images = self._run_stage(self.sr, x_T, cond, uncond, params, params.sr_steps, generators, progress,
                                      lowres=lowres, lowres_t=level)
         return images
@@ -145,19 +145,29 @@ class Text2Image:
     def _run_stage(self, stage: Stage, x_T, cond, uncond, params: SamplingParams, steps: int, generators,
                    progress, lowres=None, lowres_t=None) -> torch.Tensor:
         x0_fn = classifier_free_guidance(stage.x0_fn(lowres, lowres_t), uncond, params.guidance)
-        adapter = stage.adapter if params.adapter else None
-        timesteps = timesteps_for(self.sched.T, steps, params.spacing)
-        if params.sampler == "ddim":
-            return sample_ddim(x0_fn, x_T, timesteps, self.sched, adapter=adapter, cond=cond, eta=params.eta,
-                               generator=generators, progress=progress)
-        if params.sampler == "ddpm":
-            return sample_ddpm(x0_fn, x_T, timesteps, self.sched, adapter=adapter, cond=cond,
-                               generator=generators, progress=progress)
-        raise UsageError(f"unknown sampler {params.sampler!r}; choose ddim or ddpm")
+        return run_sampler(params, x0_fn, x_T, self.sched, steps, stage.adapter if params.adapter else None, cond,
+                           generators, progress)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.base.adapter is not None
 
     def total_steps(self, params: SamplingParams) -> int:
         """Denoiser evaluations per batch (for progress bars)."""
         return params.steps + (params.sr_steps if self.sr is not None else 0)
+
+
+def run_sampler(params: SamplingParams, x0_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: int,
+                adapter: ContextAdapter | None, cond: TextCondition, generators, progress=None) -> torch.Tensor:
+    """`params.sampler` (DDIM, Eq. 9/11, or DDPM, Eq. 7) over `steps` steps of `sched`, from x_T."""
+    timesteps = timesteps_for(sched.T, steps, params.spacing)
+    if params.sampler == "ddim":
+        return sample_ddim(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond, eta=params.eta,
+                           generator=generators, progress=progress)
+    if params.sampler == "ddpm":
+        return sample_ddpm(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond,
+                           generator=generators, progress=progress)
+    raise UsageError(f"unknown sampler {params.sampler!r}; choose ddim or ddpm")
 
 
 def build_adapter(config: AdapterConfig, clip: ClipEncoders) -> ContextAdapter:
@@ -181,5 +191,6 @@ def save_t2i_bundle(path: str | Path, clip: ClipEncoders, stages: dict[str, Stag
                                        for k, v in all_configs.items()}, kind=BUNDLE_KIND, dtype=dtype, extra=extra)
 
 
-def _noise(shape: list[int], generators: list[torch.Generator], device) -> torch.Tensor:
+def seeded_noise(shape: list[int], generators: list[torch.Generator], device) -> torch.Tensor:
+    """Standard normal [N, *shape], sample i drawn (on the CPU) from generators[i] alone."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)

@@ -32,6 +32,25 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LatentConfig:
+    """ContextDiff over a pretrained Stable Diffusion backbone (ctxdiff/training/latent_adapter.py).
+
+    The frozen backbone (U-Net, VAE, text encoder) is `sd_checkpoint`, a CompVis single file or a
+    diffusers folder; `model.adapter` is trained on its latents (x_shape = (4, data.image_size / 8,
+    data.image_size / 8)) by Eq. 6, and `model.clip` is the image tower of image_branch "clip".
+    `model.unet` is not used; `diffusion.schedule` and `diffusion.timesteps` must be the checkpoint's.
+    """
+
+    sd_checkpoint: str
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: as load_sd detects it
+    use_ema: bool = True  # the checkpoint's EMA U-Net weights, when it has them
+
+    def __post_init__(self) -> None:
+        if not self.sd_checkpoint.strip():
+            raise ValueError("sd_checkpoint must name a Stable Diffusion checkpoint file or diffusers folder")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole training run. `output` is the run folder (checkpoints, samples, metrics, model)."""
 
@@ -43,6 +62,7 @@ class Recipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
     preview_prompts: tuple[str, ...] = ()  # prompts of the sample grid written while training
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # of <output>/model.safetensors (fp16: shipping)
+    latent: LatentConfig | None = None  # set: train an adapter over this SD backbone (<output>/adapter.safetensors)
 
 
 def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

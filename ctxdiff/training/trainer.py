@@ -104,6 +104,29 @@ def _batched(stream, size: int):
         yield _collate([next(stream) for _ in range(size)])
 
 
+def batch_stream(dataset, seed: int, start_step: int, batch_size: int, num_workers: int = 0):
+    """(images, captions) of the global batches of steps start_step, start_step + 1, ...: a pure
+    function of (seed, step) for map-style datasets, the shard order for a ShardStream."""
+    if isinstance(dataset, ShardStream):
+        stream = iter(dataset)
+        for _ in range(start_step * batch_size):  # resume: pass over what was read
+            next(stream)
+        return _batched(stream, batch_size)
+    order = _StepBatches(len(dataset), seed, start_step, batch_size)
+    return iter(DataLoader(dataset, batch_sampler=order, num_workers=num_workers, collate_fn=_collate,
+                           persistent_workers=False))
+
+
+def check_run_folder(out: Path, ckpt_dir: Path, resume: bool) -> None:
+    """A new run needs a folder without checkpoints; --resume needs one with them."""
+    existing = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    if resume and existing is None:
+        raise CtxdiffError(f"{ckpt_dir}: no checkpoint to resume from; run without --resume to start")
+    if not resume and existing is not None:
+        raise CtxdiffError(f"{out} already holds a run (checkpoint {existing.name}); pass --resume to "
+                           f"continue it, or choose another folder with --set output=...")
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
 
@@ -181,12 +204,7 @@ class Trainer:
     # ----------------------------------------------------------------- files
 
     def _check_output(self) -> None:
-        existing = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
-        if self.resume and existing is None:
-            raise CtxdiffError(f"{self.ckpt_dir}: no checkpoint to resume from; run without --resume to start")
-        if not self.resume and existing is not None:
-            raise CtxdiffError(f"{self.out} already holds a run (checkpoint {existing.name}); pass --resume to "
-                               f"continue it, or choose another folder with --set output=...")
+        check_run_folder(self.out, self.ckpt_dir, self.resume)
 
     def _load_latest(self) -> None:
         path = latest_checkpoint(self.ckpt_dir)
@@ -251,17 +269,9 @@ class Trainer:
 
     def _global_batch(self) -> tuple[torch.Tensor, list[str]]:
         """The global batch of the current step (the same on every rank; each keeps its slice)."""
-        size = self.recipe.train.batch_size
         if self._stream is None:
-            if isinstance(self.dataset, ShardStream):
-                stream = iter(self.dataset)
-                for _ in range(self.step * size):  # resume: pass over what was read
-                    next(stream)
-                self._stream = _batched(stream, size)
-            else:
-                order = _StepBatches(len(self.dataset), self.recipe.train.seed, self.step, size)
-                self._stream = iter(DataLoader(self.dataset, batch_sampler=order, num_workers=self.recipe.train.num_workers,
-                                               collate_fn=_collate, persistent_workers=False))
+            cfg = self.recipe.train
+            self._stream = batch_stream(self.dataset, cfg.seed, self.step, cfg.batch_size, cfg.num_workers)
         return next(self._stream)
 
     # ------------------------------------------------------------------ loop

@@ -25,19 +25,27 @@ __all__ = [
 
 
 class EpsToX0(nn.Module):
-    """x0_fn(x_t, cond, t, bias=None) -> x0_hat for a U-Net trained to predict epsilon or v.
+    """x0_fn(x_t, cond, t) -> x0_hat for a U-Net trained to predict epsilon or v (Eq. 6's f_theta).
 
     Timesteps: `t` is the paper step in 1..T (a number or [B]); the U-Net is called with the
     diffusers timestep tau = t - 1. `alphas_cumprod` is paper-indexed, [T + 1] with abar_0 = 1
     (`SchedulerInfo.alphas_cumprod()`).
 
-        epsilon:       x0_hat = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        v_prediction:  x0_hat = sqrt(abar_t) x - sqrt(1 - abar_t) v
+        epsilon:       x0_hat = (x_t - sqrt(1 - abar_t) out) / sqrt(abar_t)
+        v_prediction:  x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) out
 
-    with x = x_t - bias. `bias` is the adapter's mean shift k_t r_t: ContextDiff's marginal is
-    x_t = sqrt(abar_t) x0 + k_t r_t + sqrt(1 - abar_t) eps (math.md, Eq. 1), so removing the shift
-    first gives the bias-free x_t a pretrained SD U-Net was trained on; both the U-Net's input and
-    the inversion use it. bias=None (or r = 0) is plain Stable Diffusion.
+    Under ContextDiff's marginal x_t = sqrt(abar_t) x0 + k_t r_t + sqrt(1 - abar_t) eps (Eq. 1)
+    the U-Net sees x_t itself, bias included, and its output is read as the *effective* noise
+    eps' = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) = eps + k_t r_t / sqrt(1 - abar_t) (for v:
+    sqrt(abar_t) eps' - sqrt(1 - abar_t) x0): both formulas above invert Eq. 1 exactly for that
+    target, and Eq. 6's loss is (1 - abar_t) / abar_t ||eps' - out||^2. With r = 0, eps' = eps is
+    Stable Diffusion's own target, so a pretrained U-Net is the r = 0 solution and a zero-initialised
+    adapter starts from plain SD. The adapter learns through x_t (the gradient of Eq. 6 reaches
+    r_phi through the U-Net's input), which is why the U-Net must not be shown x_t - k_t r_t: with
+    the true r_t(x_0) removed, neither the U-Net's input nor x0_hat depends on phi, the gradient to
+    the adapter is identically zero, frozen U-Net or not (ctxdiff/pipelines/latent.py).
+
+    The U-Net runs in its own dtype (fp16 on GPUs); the conversion runs in x_t's (float32 latents).
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str):
@@ -51,20 +59,20 @@ class EpsToX0(nn.Module):
         self.prediction_type = prediction_type
         self.abar = abar  # float64 on the CPU on purpose: not a buffer, so .half() cannot round it
 
-    def forward(self, x_t: torch.Tensor, cond: TextCondition | torch.Tensor, t: torch.Tensor | int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, cond: TextCondition | torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         t = torch.as_tensor(t).cpu().long()
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         if bool(((t < 1) | (t >= self.abar.shape[0])).any()):
             raise ValueError(f"paper steps must lie in 1..{self.abar.shape[0] - 1}, got {t.tolist()}")
         abar = self.abar[t].view(-1, *[1] * (x_t.ndim - 1))
         a, s = (c.to(device=x_t.device, dtype=x_t.dtype) for c in (abar.sqrt(), (1 - abar).sqrt()))
-        x = x_t if bias is None else x_t - bias
         context = cond.tokens if isinstance(cond, TextCondition) else cond
-        out = self.unet(x, (t - 1).to(x_t.device), context)
-        return (x - s * out) / a if self.prediction_type == "epsilon" else a * x - s * out
+        weight = next(self.unet.parameters(), None) if isinstance(self.unet, nn.Module) else None
+        dtype = x_t.dtype if weight is None else weight.dtype
+        out = self.unet(x_t.to(dtype), (t - 1).to(x_t.device), context.to(dtype)).to(x_t.dtype)
+        return (x_t - s * out) / a if self.prediction_type == "epsilon" else a * x_t - s * out
 
 
 def as_x0_predictor(unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str) -> EpsToX0:
-    """The x0_fn(x_t, cond, t, bias=None) of an SD U-Net; see `EpsToX0` for conventions."""
+    """The x0_fn(x_t, cond, t) of an SD U-Net; see `EpsToX0` for conventions."""
     return EpsToX0(unet, alphas_cumprod, prediction_type)

@@ -1,0 +1,59 @@
+"""`ctxdiff tune-video VIDEO --prompt "..."`: one-shot tuning of the video model on its source video."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ctxdiff.cli.app import app, options
+from ctxdiff.cli.common import graceful_interrupt, pick_device
+from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
+from ctxdiff.cli.video_common import source_prompt
+
+
+@app.command("tune-video")
+def tune_video(
+    video: Path = typer.Argument(..., help="Source video: mp4/webm/gif/mov, or a folder of frames."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Source prompt (default: the video sidecar's 'prompt')."),
+    model: Path = typer.Option(None, "--model", "-m", help="Base t2i bundle (default: the bundled shapes model)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/tune-<video name>)."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML of tuning settings (see recipes/video-tune.yaml)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a setting: --set lr=3e-5 (repeatable)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 500)."),
+    frames: int = typer.Option(None, "--frames", min=1, help="Frames to tune on (Tab. 8: 8..24; default 8)."),
+    stride: int = typer.Option(None, "--stride", min=1, help="Take every n-th frame (Tab. 8 sampling rate: 2)."),
+    start: int = typer.Option(None, "--start", min=0, help="First frame to take."),
+    lr: float = typer.Option(None, "--lr", min=0.0, help="AdamW learning rate (Tab. 8: 1e-5)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the diffusion steps and noise (default 0)."),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="Tune without the adapter (the Tune-A-Video baseline)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+) -> None:
+    """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8)."""
+    from ctxdiff.pipelines.video_edit import read_source
+    from ctxdiff.pipelines.video_model import VideoModel
+    from ctxdiff.training.tune_video import VideoTuner, load_tune_config
+
+    config = load_tune_config(recipe, set_ or [], steps=steps, frames=frames, stride=stride, start=start, lr=lr,
+                              seed=seed, adapter=False if no_adapter else None)
+    text = source_prompt(prompt, video)
+    vmodel = VideoModel.load(model, None, pick_device(), window=config.window)
+    if config.adapter and vmodel.adapter is None:
+        warn("the base model has no adapter; tuning without one")
+    clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size)
+    run = out or Path("runs") / f"tune-{video.stem or video.name}"
+    tuner = VideoTuner(vmodel, clip, text, config, run, resume=resume, log=info)
+    with progress_bar("tune-video", config.steps, ("loss",)) as bar:
+        bar.advance(tuner.step)
+        with graceful_interrupt() as stop:
+            result = tuner.run(should_stop=stop, on_step=lambda record: bar.advance(loss=record["loss"]))
+    summary = {"tuned": str(result.tuned_path), "step": result.step, "loss": result.loss, "prompt": text,
+               "frames": len(clip), "base_model": vmodel.base.path, "checkpoints": str(tuner.ckpt_dir),
+               "interrupted": result.interrupted}
+    emit_json(summary)
+    if result.interrupted:
+        info(f"interrupted at step {result.step}; checkpoint saved. Continue with the same command and --resume")
+        raise typer.Exit(130)
+    if not options().json:
+        print_table("tuning finished", ["step", "loss", "frames", "tuned file"],
+                    [[result.step, result.loss, len(clip), result.tuned_path]])

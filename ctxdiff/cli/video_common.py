@@ -1,0 +1,35 @@
+"""What `tune-video`, `invert` and `edit` share: which frames to read and which prompt describes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctxdiff.data.video import video_prompt
+from ctxdiff.errors import UsageError
+
+DEFAULT_CLIP = {"frames": 8, "stride": 2, "start": 0}   # Tab. 8: 8 frames, sampling rate 2
+
+
+def clip_settings(tuned_on: dict | None, frames: int | None, stride: int | None, start: int | None) -> dict:
+    """frames/stride/start as given, else those the tuned file was tuned on, else Tab. 8's."""
+    base = {**DEFAULT_CLIP, **{k: v for k, v in (tuned_on or {}).items() if k in DEFAULT_CLIP}}
+    given = {"frames": frames, "stride": stride, "start": start}
+    return {k: given[k] if given[k] is not None else base[k] for k in DEFAULT_CLIP}
+
+
+def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag: str = "--prompt") -> str:
+    """The source prompt: as given, else the first fallback (a tuned file's, an inversion's), else the
+    'prompt' of the video's sidecar JSON; a usage error when there is none."""
+    for prompt in (given, *fallbacks):
+        if prompt:
+            return prompt
+    recorded = video_prompt(source) if source.exists() else None
+    if recorded:
+        return recorded
+    raise UsageError(f"no source prompt for {source}: pass {flag} \"what the video shows\"")
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """Refuse to replace an existing output without --force."""
+    if path.exists() and not force:
+        raise UsageError(f"{path}: already exists; choose another --out, or pass --force to replace it")

@@ -1,0 +1,183 @@
+"""FateZero-style attention storing and fusion (Qi et al. 2023) for the inflated video U-Net.
+
+During inversion `AttentionRecorder` keeps the self- and cross-attention probabilities of the
+low-resolution sites (at most `LOW_RES_FRACTION` of the frame side: FateZero keeps the 16x16
+and 32x32 layers of a 64x64 latent), per diffusion step t, in float16 (on the CPU if asked).
+During editing `AttentionEditor` fuses them into the sampling run at the same steps:
+
+- self-attention, for the first `self_replace` fraction of the steps: the stored map replaces the
+  editing one, except inside the blend mask M, where the editing map is kept (FateZero's
+  attention blending: s = M * s_edit + (1 - M) * s_src); applied to both halves of a guided
+  batch, since a self-attention map describes the source video's layout, not a prompt;
+- cross-attention, for the first `cross_replace` fraction, in the conditional half only:
+  "replace" (prompt-to-prompt word swap, prompts of equal token count) takes the stored map
+  column by column; "refine" takes the stored map for the target tokens aligned with a source
+  token and keeps the editing map for new tokens, then renormalises.
+
+The blend mask M is the source prompt's stored cross-attention on the edited words, averaged
+over heads, sites and steps, scaled to a maximum of 1 per frame and thresholded (FateZero: 0.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+
+import torch
+import torch.nn.functional as F
+
+LOW_RES_FRACTION = 0.5
+
+
+def map_key(t: int, site: str, kind: str) -> str:
+    """The name of a stored map: step, site (module path) and kind ("self" or "cross")."""
+    return f"t{t:05d}.{site}.{kind}"
+
+
+def _grid(queries: int) -> int:
+    side = math.isqrt(queries)
+    if side * side != queries:
+        raise ValueError(f"attention over {queries} positions is not a square grid; frames must be square")
+    return side
+
+
+class AttentionRecorder:
+    """Stores the attention probabilities of the sites with at most `max_queries` positions,
+    under the step `t` the caller sets before each denoiser call (the last call at a step wins)."""
+
+    def __init__(self, image_size: int, on_cpu: bool = False, fraction: float = LOW_RES_FRACTION):
+        self.max_queries = int(image_size * fraction) ** 2
+        self.on_cpu = on_cpu
+        self.maps: dict[str, torch.Tensor] = {}
+        self.t = 0
+
+    def wants(self, site: str, kind: str, queries: int) -> bool:
+        return queries <= self.max_queries
+
+    def __call__(self, site: str, kind: str, probs: torch.Tensor) -> torch.Tensor:
+        kept = probs.detach().to(dtype=torch.float16, device="cpu" if self.on_cpu else probs.device)
+        self.maps[map_key(self.t, site, kind)] = kept
+        return probs
+
+    def has_step(self, t: int) -> bool:
+        prefix = f"t{t:05d}."
+        return any(key.startswith(prefix) for key in self.maps)
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """How the target prompt's cross-attention columns (null key first) relate to the source's.
+
+    source_of[j]: the source column that target column j takes its stored map from;
+    aligned[j]: 1 where target column j has a source counterpart (refine keeps the editing map
+    where it is 0); edited: source columns of the words the edit changes (the blend mask's words).
+    """
+
+    source_of: torch.Tensor
+    aligned: torch.Tensor
+    edited: tuple[int, ...]
+
+
+def align_tokens(source_ids: list[int], target_ids: list[int], columns: int, mode: str) -> TokenAlignment:
+    """Columns for prompts given as token ids (start to end token) in a cross-attention of
+    `columns` keys (null key + context length). "replace" maps column j to column j (prompts of
+    equal token count); "refine" follows the longest common token runs (difflib)."""
+    source_of = torch.arange(columns)
+    aligned = torch.ones(columns) if mode == "replace" else torch.zeros(columns)
+    aligned[0] = 1.0  # the null key
+    matched_source: set[int] = set()
+    for block in SequenceMatcher(None, source_ids, target_ids, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            matched_source.add(1 + block.a + k)
+            if mode == "refine":
+                source_of[1 + block.b + k] = 1 + block.a + k
+                aligned[1 + block.b + k] = 1.0
+    edited = tuple(1 + i for i in range(len(source_ids)) if 1 + i not in matched_source)
+    return TokenAlignment(source_of, aligned, edited)
+
+
+def blend_mask(maps: dict[str, torch.Tensor], columns: tuple[int, ...], threshold: float,
+               device: torch.device) -> torch.Tensor | None:
+    """M [F, S, S] (bool) from the stored source cross-attention on `columns`, averaged over
+    heads, sites and steps at the largest stored grid S, scaled to max 1 per frame, > threshold.
+    None when no column is edited (a reconstruction: everything is replaced)."""
+    if not columns:
+        return None
+    cross = [m for key, m in maps.items() if key.endswith(".cross")]
+    if not cross:
+        return None
+    side = max(_grid(m.shape[2]) for m in cross)
+    total = None
+    for m in cross:
+        weight = m.to(device=device, dtype=torch.float32)[..., list(columns)].sum(-1).mean(1)   # [F, N]
+        grid = weight.view(weight.shape[0], 1, _grid(weight.shape[1]), -1)
+        grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+        total = grid if total is None else total + grid
+    scaled = total / total.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return scaled > threshold
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """When and how stored maps enter the editing run (fractions of the sampling steps)."""
+
+    self_replace: float = 0.5
+    cross_replace: float = 0.8
+    cross_mode: str = "replace"
+
+
+class AttentionEditor:
+    """Fuses stored inversion maps into the sampling run (see the module docstring).
+
+    `timesteps` are the sampling steps in the order they run; the caller sets `t` before each
+    denoiser call. `frames` is F; a guided batch holds [unconditional F; conditional F].
+    """
+
+    def __init__(self, maps: dict[str, torch.Tensor], timesteps: list[int], plan: FusionPlan,
+                 alignment: TokenAlignment, mask: torch.Tensor | None, frames: int, device: torch.device):
+        self.maps, self.plan, self.frames, self.device = maps, plan, frames, device
+        self.index = {t: i for i, t in enumerate(timesteps)}
+        self.self_steps = round(plan.self_replace * len(timesteps))
+        self.cross_steps = round(plan.cross_replace * len(timesteps))
+        self.source_of = alignment.source_of.to(device)
+        self.aligned = alignment.aligned.to(device)
+        self.mask = mask
+        self._site_masks: dict[int, torch.Tensor] = {}
+        self.t = timesteps[0]
+
+    def wants(self, site: str, kind: str, queries: int) -> bool:
+        limit = self.self_steps if kind == "self" else self.cross_steps
+        return self.index.get(self.t, limit) < limit and map_key(self.t, site, kind) in self.maps
+
+    def __call__(self, site: str, kind: str, probs: torch.Tensor) -> torch.Tensor:
+        stored = self.maps[map_key(self.t, site, kind)].to(device=probs.device, dtype=probs.dtype)
+        if kind == "self":
+            return self._fuse_self(probs, stored)
+        return self._fuse_cross(probs, stored)
+
+    def _fuse_self(self, probs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        copies = probs.shape[0] // self.frames
+        stored = stored.repeat(copies, 1, 1, 1)
+        if self.mask is None:
+            return stored
+        keep = self._mask_at(probs.shape[2]).repeat(copies, 1)[:, None, :, None]
+        return torch.where(keep, probs, stored)
+
+    def _mask_at(self, queries: int) -> torch.Tensor:
+        """The blend mask [F, queries] at a site's grid."""
+        if queries not in self._site_masks:
+            side = _grid(queries)
+            grid = F.interpolate(self.mask[:, None].float(), size=(side, side), mode="nearest")
+            self._site_masks[queries] = grid.flatten(1).to(self.device) > 0.5
+        return self._site_masks[queries]
+
+    def _fuse_cross(self, probs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        conditional = probs[-self.frames:]
+        taken = stored[..., self.source_of]
+        if self.plan.cross_mode == "replace":
+            fused = taken
+        else:
+            fused = taken * self.aligned + conditional * (1 - self.aligned)
+            fused = fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
+        return torch.cat([probs[:-self.frames], fused]) if probs.shape[0] > self.frames else fused

@@ -1,0 +1,229 @@
+"""Text-guided video editing with ContextDiff (paper Sec. 4.2): context-aware DDIM inversion of the
+source video under the source prompt, then adapter-biased DDIM sampling under the target prompt
+with classifier-free guidance and FateZero attention fusion (pipelines/attention_control.py).
+
+Inversion (design/math.md, "DDIM inversion"): the source frames are taken as x_{t_1}, the first
+step of the sampling schedule, and pushed up to x_{t_N} with
+
+    eps_hat = (x_s - sqrt(abar_s) x0_hat - k_s r_phi(x0_hat, c_src, s)) / sqrt(1 - abar_s)
+    x_t     = sqrt(abar_t) x0_hat + k_t r_phi(x0_hat, c_src, t) + sqrt(1 - abar_t) eps_hat
+
+(the inverse of Eq. 11; `refine` fixed-point iterations make it exact for the model). Editing
+runs Eq. 11 back down from x_{t_N} with x0_hat guided by the target prompt (x0_u + w (x0_c - x0_u))
+and the bias r_phi(x0_hat, c_tgt, .) of the target prompt: the adapter moves the trajectory
+toward the target context. No model code here: the denoiser and adapter come from `VideoModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctxdiff.checkpoints import load_bundle, save_bundle
+from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image
+from ctxdiff.data.png import to_uint8
+from ctxdiff.data.video import FRAME_FOLDER_FPS, Video, read_video
+from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim, timesteps_for
+from ctxdiff.errors import CtxdiffError
+from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
+                                                 blend_mask)
+from ctxdiff.pipelines.video_model import ModelRef, VideoModel, frames_to_tensor
+from ctxdiff.recipes import from_dict
+
+INVERSION_KIND = "video-inversion"
+CROSS_MODES = ("replace", "refine")
+
+
+def read_source(path: str | Path, frames: int, stride: int, start: int, size: int) -> Video:
+    """`frames` frames of a video file or folder (every `stride`-th from `start`), or one image
+    as a one-frame video, centre-cropped and resized to size x size."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return Video(fit_image(read_image(path), (size, size))[None], FRAME_FOLDER_FPS, path)
+    return read_video(path, num_frames=frames, start=start, stride=stride, size=size)
+
+
+@dataclass(frozen=True)
+class InversionParams:
+    """Context-aware DDIM inversion settings (paper Sec. 4.2: T = 20 DDIM steps)."""
+
+    steps: int = 20
+    spacing: str = "trailing"
+    refine: int = 0                  # fixed-point iterations per step (0: plain DDIM inversion)
+    adapter: bool = True             # r_phi in the inversion (False: r = 0)
+    attention: bool = False          # store the low-resolution attention maps (for fusion)
+    attention_on_cpu: bool = False   # keep stored maps in host memory
+
+
+@dataclass
+class Inversion:
+    """The latent trajectory [N, F, C, H, W] at increasing `timesteps` t_1..t_N (x_{t_1} = the
+    source frames), the frames themselves (uint8, at the model's size) and what made it."""
+
+    trajectory: torch.Tensor
+    timesteps: list[int]
+    frames: np.ndarray
+    fps: float
+    prompt: str
+    params: InversionParams
+    model: ModelRef
+    tuned: ModelRef | None
+    source: str
+    attention: dict[str, torch.Tensor] | None = None
+
+
+@torch.no_grad()
+def invert_video(model: VideoModel, video: Video, prompt: str, params: InversionParams,
+                 progress=None) -> Inversion:
+    """Invert `video` (frames at the model's size) under `prompt`, without guidance."""
+    frames = len(video)
+    x0 = frames_to_tensor(video.frames, model.device)
+    timesteps = timesteps_for(model.sched.T, params.steps, params.spacing)[:-1][::-1]
+    recorder = AttentionRecorder(model.image_size, params.attention_on_cpu) if params.attention else None
+    x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(recorder, "t", t)) if recorder else None)
+    cond = model.encode(prompt, frames)
+    use_adapter = params.adapter and model.adapter is not None
+    with model.unet.controlled(recorder):
+        trajectory = invert_ddim(x0_fn, x0, timesteps, model.sched, adapter=model.adapter_fn(frames, use_adapter),
+                                 cond=cond, refine=params.refine, progress=progress)
+        if recorder is not None and not recorder.has_step(timesteps[-1]):
+            x0_fn(trajectory[-1], cond, torch.full((frames,), timesteps[-1], device=model.device))
+    return Inversion(torch.stack(trajectory).cpu(), timesteps, video.frames, video.fps, prompt,
+                     InversionParams(**{**asdict(params), "adapter": use_adapter}), model.base, model.tuned,
+                     str(Path(video.source).resolve()), recorder.maps if recorder is not None else None)
+
+
+def save_inversion(path: str | Path, inversion: Inversion) -> Path:
+    """Write an inversion (kind "video-inversion") for `ctxdiff edit --inversion`."""
+    modules = {"trajectory": {"x": inversion.trajectory}, "frames": {"rgb": torch.from_numpy(inversion.frames)}}
+    if inversion.attention:
+        modules["attention"] = inversion.attention
+    extra = {"timesteps": inversion.timesteps, "fps": inversion.fps, "prompt": inversion.prompt,
+             "params": asdict(inversion.params), "model": asdict(inversion.model),
+             "tuned": asdict(inversion.tuned) if inversion.tuned else None, "source": inversion.source}
+    return save_bundle(path, modules, {}, kind=INVERSION_KIND, extra=extra)
+
+
+def load_inversion(path: str | Path) -> Inversion:
+    bundle = load_bundle(path, kind=INVERSION_KIND)
+    e = bundle.extra
+    return Inversion(bundle.tensors["trajectory"]["x"], list(e["timesteps"]), bundle.tensors["frames"]["rgb"].numpy(),
+                     float(e["fps"]), e["prompt"], from_dict(InversionParams, e["params"], "params"),
+                     ModelRef(**e["model"]), ModelRef(**e["tuned"]) if e["tuned"] else None, e["source"],
+                     bundle.tensors.get("attention"))
+
+
+def check_inversion(model: VideoModel, inversion: Inversion, name: str) -> None:
+    """Refuse an inversion made with another base model or tuned file than `model`'s."""
+    tuned_now = model.tuned.sha256 if model.tuned else None
+    tuned_then = inversion.tuned.sha256 if inversion.tuned else None
+    if inversion.model.sha256 != model.base.sha256 or tuned_now != tuned_then:
+        made_with = inversion.model.path + (f" tuned by {inversion.tuned.path}" if inversion.tuned else "")
+        raise CtxdiffError(f"{name}: inverted with {made_with}, not with this model; pass the same --model/--tuned, "
+                           "or invert again")
+
+
+@dataclass
+class Reconstruction:
+    """Sampling back from x_{t_N} under the inversion's prompt, without guidance."""
+
+    frames: np.ndarray
+    latent_error: float    # mean |x_{t_1} sampled back - source frames| in [-1, 1] units
+    pixel_error: float     # mean |output - source| in 0..255
+    psnr: float
+
+
+@torch.no_grad()
+def reconstruct(model: VideoModel, inversion: Inversion, progress=None) -> Reconstruction:
+    frames = len(inversion.frames)
+    descending = inversion.timesteps[::-1] + [0]
+    states: dict[int, torch.Tensor] = {}
+    x = sample_ddim(model.x0_fn(frames), inversion.trajectory[-1].to(model.device), descending, model.sched,
+                    adapter=model.adapter_fn(frames, inversion.params.adapter),
+                    cond=model.encode(inversion.prompt, frames), progress=progress,
+                    callback=lambda step, x, **_: states.__setitem__(step + 1, x))
+    at_t1 = states.get(len(descending) - 2, inversion.trajectory[-1].to(model.device))
+    out = to_uint8(x)
+    diff = out.astype(np.float64) - inversion.frames
+    mse = float(np.mean(diff ** 2))
+    return Reconstruction(out, float((at_t1.cpu() - inversion.trajectory[0]).abs().mean()), float(np.abs(diff).mean()),
+                          float(10 * np.log10(255.0 ** 2 / mse)) if mse > 0 else float("inf"))
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Editing settings: guidance 7.5 and FateZero's fusion defaults (anchors.md)."""
+
+    guidance: float = 7.5
+    self_replace: float = 0.5       # fraction of steps with stored self-attention (0.5 shape .. 0.9 style)
+    cross_replace: float = 0.8      # fraction of steps with stored cross-attention
+    cross_mode: str = "replace"     # "replace" (equal token counts) or "refine"
+    blend_threshold: float = 0.3
+    fusion: bool = True             # False: no attention fusion (Tune-A-Video style editing)
+    adapter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cross_mode not in CROSS_MODES:
+            raise ValueError(f"cross_mode must be one of {', '.join(CROSS_MODES)}, got {self.cross_mode!r}")
+        for name in ("self_replace", "cross_replace", "blend_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class EditResult:
+    frames: np.ndarray             # uint8 [F, H, W, 3]
+    cross_mode: str | None         # the mode used (None without fusion)
+    blend_fraction: float | None   # share of pixels the blend mask keeps for editing
+    notes: list[str] = field(default_factory=list)
+
+
+def token_ids(model: VideoModel, prompt: str) -> list[int]:
+    """The prompt's token ids from the start token to the end token."""
+    ids = model.clip.tokenize([prompt])[0].tolist()
+    return ids[:max(i for i, v in enumerate(ids) if v != 0) + 1]
+
+
+def resolve_cross_mode(mode: str, source_ids: list[int], target_ids: list[int]) -> tuple[str, str | None]:
+    """Replace needs prompts of equal token count; otherwise refine, with a note saying so."""
+    if mode == "replace" and len(source_ids) != len(target_ids):
+        return "refine", (f"cross-attention replace needs prompts of equal token count (source {len(source_ids)}, "
+                          f"target {len(target_ids)}); using refine")
+    return mode, None
+
+
+@torch.no_grad()
+def edit_video(model: VideoModel, inversion: Inversion, target: str, params: EditParams,
+               progress=None) -> EditResult:
+    """Sample from the inversion's x_{t_N} under `target` with guidance, the adapter and fusion."""
+    use_adapter = params.adapter and model.adapter is not None
+    if use_adapter != inversion.params.adapter:
+        raise CtxdiffError(f"the inversion was made {'with' if inversion.params.adapter else 'without'} the adapter; "
+                           "edit with the same adapter setting (--no-adapter), or invert again")
+    frames = len(inversion.frames)
+    descending = inversion.timesteps[::-1] + [0]
+    cond = model.encode(target, frames)
+    editor, mode, fraction, notes = None, None, None, []
+    if params.fusion:
+        if not inversion.attention:
+            raise CtxdiffError("this inversion holds no attention maps; invert with --attention, or edit with "
+                               "--no-fusion")
+        source_ids, target_ids = token_ids(model, inversion.prompt), token_ids(model, target)
+        mode, note = resolve_cross_mode(params.cross_mode, source_ids, target_ids)
+        notes += [note] if note else []
+        alignment = align_tokens(source_ids, target_ids, 1 + cond.tokens.shape[1], mode)
+        maps = inversion.attention if inversion.params.attention_on_cpu else \
+            {k: v.to(model.device) for k, v in inversion.attention.items()}
+        mask = blend_mask(maps, alignment.edited, params.blend_threshold, model.device)
+        fraction = float(mask.float().mean()) if mask is not None else None
+        editor = AttentionEditor(maps, descending[:-1], FusionPlan(params.self_replace, params.cross_replace, mode),
+                                 alignment, mask, frames, model.device)
+    x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None)
+    guided = classifier_free_guidance(x0_fn, model.clip.encode_text([""]), params.guidance)
+    with model.unet.controlled(editor):
+        x = sample_ddim(guided, inversion.trajectory[-1].to(model.device), descending, model.sched,
+                        adapter=model.adapter_fn(frames, use_adapter), cond=cond, progress=progress)
+    return EditResult(to_uint8(x), mode, fraction, notes)

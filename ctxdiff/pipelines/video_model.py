@@ -1,0 +1,179 @@
+"""A text-to-image model made a video model: the inflated U-Net (models/inflate.py), the
+spatio-temporal adapter (models/video_adapter.py), the model's CLIP and noise schedule.
+
+The base stage of a t2i bundle is inflated; the super-resolution stage of a cascade is not used.
+A one-shot tuned file (kind "video-tuned", written by `ctxdiff tune-video`) holds only the tuned
+tensors (attention query projections, temporal layers, adapter) and a reference to its base model:
+the base file's path and the SHA-256 of its bytes. Loading it over another base model is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ctxdiff.checkpoints import load_bundle, load_module_state, save_bundle
+from ctxdiff.diffusion import make_schedule
+from ctxdiff.diffusion.schedule import Schedule
+from ctxdiff.errors import CtxdiffError
+from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.models.encoders import ClipEncoders
+from ctxdiff.models.inflate import InflateConfig, VideoUNet
+from ctxdiff.models.video_adapter import VideoAdapter, VideoAdapterConfig
+from ctxdiff.pipelines.text2image import DEFAULT_MODEL, Text2Image
+from ctxdiff.recipes import DiffusionConfig, from_dict
+
+TUNED_KIND = "video-tuned"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model file by path and content (SHA-256 of its bytes)."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> "ModelRef":
+        path = Path(path)
+        stat = path.stat()
+        return cls(str(path), _sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def frames_to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> float [F, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@dataclass
+class VideoModel:
+    """Everything that denoises a video: build with `load`."""
+
+    clip: ClipEncoders
+    unet: VideoUNet
+    adapter: VideoAdapter | None
+    diffusion: DiffusionConfig
+    base: ModelRef
+    tuned: ModelRef | None = None
+    tuned_on: dict | None = None    # the tuned file's prompt, video, frames, stride and start
+
+    def __post_init__(self) -> None:
+        self.sched: Schedule = make_schedule(self.diffusion.schedule, self.diffusion.timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.image_size
+
+    def encode(self, prompt: str, frames: int) -> TextCondition:
+        """The condition of one prompt, repeated for each of `frames` frames."""
+        return self.clip.encode_text([prompt]).repeat_interleave(frames)
+
+    def x0_fn(self, frames: int, clamp: bool = True, on_call: Callable[[int], None] | None = None) -> Callable:
+        """x0_fn(x_t, cond, t) for the samplers on F-frame videos; `on_call(t)` runs before each
+        call (attention controllers learn the step from it)."""
+
+        def predict(x: torch.Tensor, cond: TextCondition, t: torch.Tensor) -> torch.Tensor:
+            if on_call is not None:
+                on_call(int(t.reshape(-1)[0]))
+            x0 = self.unet(x, t, cond, frames)
+            return x0.clamp(-1, 1) if clamp else x0
+
+        return predict
+
+    def adapter_fn(self, frames: int, enabled: bool = True) -> Callable | None:
+        """adapter(x0, cond, t) for the samplers (None: r = 0)."""
+        if self.adapter is None or not enabled:
+            return None
+        adapter = self.adapter
+        return lambda x0, cond, t: adapter(x0, cond, t, frames)
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, tuned: str | Path | None = None,
+             device: str | torch.device = "cpu", inflate: InflateConfig = InflateConfig(),
+             window: int = 3) -> "VideoModel":
+        """The base stage of the t2i bundle `model` (default: the tuned file's base model, else the
+        bundled default model), inflated, with the tensors of the tuned file `tuned` if given."""
+        bundle = load_bundle(tuned, kind=TUNED_KIND) if tuned is not None else None
+        recorded = ModelRef(**bundle.extra["base_model"]) if bundle is not None else None
+        path = Path(model) if model is not None else _default_base(tuned, recorded)
+        ref = ModelRef.of(path) if path.is_file() else None
+        if ref is None:
+            raise CtxdiffError(f"{path}: no such model file; pass --model FILE (a t2i bundle written by `ctxdiff train`)")
+        if recorded is not None and recorded.sha256 != ref.sha256:
+            raise CtxdiffError(f"{tuned}: tuned for another base model ({recorded.path}, sha256 {recorded.sha256[:12]}), "
+                               f"not {path} (sha256 {ref.sha256[:12]}); pass --model {recorded.path} or tune again")
+        pipe = Text2Image.from_bundle(path, device)
+        if bundle is not None:
+            inflate = from_dict(InflateConfig, bundle.configs["inflate"], "inflate")
+        unet = VideoUNet(pipe.base.unet, inflate).eval()
+        adapter = None
+        if bundle is not None and bundle.configs.get("video_adapter") is not None:
+            config = from_dict(VideoAdapterConfig, bundle.configs["video_adapter"], "video_adapter")
+            adapter = VideoAdapter(config, _image_encoder(pipe.clip, config)).to(device)
+            load_module_state(adapter, bundle.tensors["adapter"], f"{tuned} adapter")
+        elif bundle is None and pipe.base.adapter is not None:
+            adapter = VideoAdapter.from_image_adapter(pipe.base.adapter, window)
+        if bundle is not None:
+            _load_tuned_unet(unet, bundle.tensors.get("unet", {}), f"{tuned} unet")
+        tuned_on = None
+        if bundle is not None:
+            tune = bundle.configs.get("tune", {})
+            tuned_on = {"prompt": bundle.extra.get("prompt"), "video": bundle.extra.get("video"),
+                        **{k: tune[k] for k in ("frames", "stride", "start") if k in tune}}
+        return cls(pipe.clip, unet, adapter.eval() if adapter is not None else None, pipe.diffusion, ref,
+                   ModelRef.of(tuned) if tuned is not None else None, tuned_on)
+
+
+def _default_base(tuned, recorded: ModelRef | None) -> Path:
+    if recorded is not None:
+        if not Path(recorded.path).is_file():
+            raise CtxdiffError(f"{tuned}: its base model {recorded.path} is not there; pass --model FILE "
+                               f"(the t2i bundle with sha256 {recorded.sha256[:12]})")
+        return Path(recorded.path)
+    if not DEFAULT_MODEL.is_file():
+        raise CtxdiffError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL}); "
+                           "pass --model FILE (a t2i bundle written by `ctxdiff train`)")
+    return DEFAULT_MODEL
+
+
+def _image_encoder(clip: ClipEncoders, config: VideoAdapterConfig):
+    return (lambda x: clip.encode_image(x)[0]) if config.adapter.image_branch == "clip" else None
+
+
+def _load_tuned_unet(unet: VideoUNet, state: dict[str, torch.Tensor], name: str) -> None:
+    if not state:
+        raise CtxdiffError(f"{name}: no tuned U-Net tensors in this file; write it again with `ctxdiff tune-video`")
+    _, unexpected = load_module_state(unet, state, name, strict=False)
+    if unexpected:
+        raise CtxdiffError(f"{name}: {len(unexpected)} tensors do not belong to the inflated U-Net "
+                           f"({', '.join(unexpected[:3])}); the file was tuned with another architecture")
+
+
+def save_tuned(path: str | Path, model: VideoModel, tune_config, prompt: str, video: str, step: int) -> Path:
+    """Write the tuned tensors of `model` and the reference to its base model (kind "video-tuned")."""
+    modules: dict = {"unet": {name: p.detach() for name, p in model.unet.tunable_state().items()}}
+    if model.adapter is not None:
+        modules["adapter"] = model.adapter
+    configs = {"inflate": model.unet.config, "tune": tune_config,
+               "video_adapter": model.adapter.config if model.adapter is not None else None}
+    extra = {"base_model": asdict(model.base), "prompt": prompt, "video": video, "step": step}
+    return save_bundle(path, modules, configs, kind=TUNED_KIND, extra=extra)

@@ -1,0 +1,212 @@
+"""`ctxdiff tune-video`: one-shot tuning on the source video with its source prompt (paper Sec. 4.2,
+Appendix C Tab. 8; Tune-A-Video's choice of trainable parameters).
+
+Trained: the video adapter r_phi (all of it), the query projections of the U-Net's spatial self-
+and cross-attention, and the temporal attention layers; the rest of the U-Net and the CLIP stay
+frozen. The loss is Eq. 6 on the clip, one diffusion step t per clip (shared by its frames):
+
+    L = || x_0 - f_theta(sqrt(abar_t) x_0 + k_t r_phi(x_0, c, t) + sqrt(1 - abar_t) eps, c, t) ||^2
+
+Exact resume, as in `ctxdiff train`: step k draws t and eps from a generator seeded by (seed, k)
+and seeds the dropout layers from it too, so a run resumed from the checkpoint of step k goes on
+exactly as the uninterrupted run. A checkpoint holds the tuned tensors, the optimizer and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
+                                 save_training_state, training_state_path)
+from ctxdiff.data.video import Video
+from ctxdiff.diffusion import diffusion_loss
+from ctxdiff.errors import CtxdiffError
+from ctxdiff.pipelines.video_model import VideoModel, frames_to_tensor, save_tuned
+from ctxdiff.recipes import apply_overrides, from_dict, read_recipe_data, to_dict
+from ctxdiff.training.trainer import step_seed
+
+TUNED_FILE = "tuned.safetensors"
+# Settings that may change when a run is resumed (the others must match the checkpoint's).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """One-shot tuning hyper-parameters; defaults from the paper's Tab. 8 where it gives them."""
+
+    steps: int = 500                           # Tune-A-Video's default (Tab. 8 gives none)
+    lr: float = 1e-5                           # Tab. 8
+    weight_decay: float = 1e-2                 # Tab. 8
+    adam_betas: tuple[float, float] = (0.9, 0.999)   # Tab. 8
+    grad_clip: float | None = 1.0
+    frames: int = 8                            # Tab. 8: 8..24
+    stride: int = 2                            # Tab. 8 "sampling rate"
+    start: int = 0
+    gradient_checkpointing: bool = True        # Tab. 8 "use checkpoint"
+    adapter: bool = True                       # False: tune without the adapter (the Tune-A-Video baseline)
+    window: int = 3                            # Tab. 8: frames of the adapter's temporal causal attention
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "frames", "stride", "window", "checkpoint_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+def load_tune_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                     **flags) -> TuneConfig:
+    """Tuning settings: the defaults, then a YAML file of TuneConfig keys, then `--set key=value`
+    overrides, then the command-line flags that were given (None: not given)."""
+    data = read_recipe_data(recipe) if recipe is not None else {}
+    data = apply_overrides(data, overrides)
+    data.update({key: value for key, value in flags.items() if value is not None})
+    return from_dict(TuneConfig, data)
+
+
+@dataclass
+class TuneResult:
+    step: int
+    loss: float
+    tuned_path: Path
+    interrupted: bool
+
+
+class VideoTuner:
+    """One tuning run of `model` on `video` (frames at the model's size) with its source `prompt`.
+
+    The run folder `out` holds checkpoints/, metrics.jsonl and tuned.safetensors.
+    """
+
+    def __init__(self, model: VideoModel, video: Video, prompt: str, config: TuneConfig, out: str | Path,
+                 resume: bool = False, log: Callable[[str], None] = lambda _: None) -> None:
+        self.model, self.prompt, self.config, self.log = model, prompt, config, log
+        self.video_source = str(Path(video.source).resolve())
+        self.out = Path(out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self._check_output(resume)
+        if not config.adapter:
+            model.adapter = None
+        model.clip.requires_grad_(False)
+        model.unet.requires_grad_(False)
+        model.unet.set_gradient_checkpointing(config.gradient_checkpointing)
+        self.params = list(model.unet.tunable_state().values())
+        if model.adapter is not None:
+            self.params += list(model.adapter.parameters())
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas),
+                                           weight_decay=config.weight_decay)
+        self.frames = len(video)
+        self.x0 = frames_to_tensor(video.frames, model.device)
+        with torch.no_grad():
+            self.cond = model.encode(prompt, self.frames)
+        self.step = 0
+        if resume:
+            self._load_latest()
+
+    # ----------------------------------------------------------------- files
+
+    def _check_output(self, resume: bool) -> None:
+        existing = latest_checkpoint(self.ckpt_dir)
+        if resume and existing is None:
+            raise CtxdiffError(f"{self.ckpt_dir}: no checkpoint to resume from; run without --resume to start")
+        if not resume and existing is not None:
+            raise CtxdiffError(f"{self.out} already holds a tuning run (checkpoint {existing.name}); pass --resume "
+                               "to continue it, or choose another --out")
+
+    def _identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it."""
+        config = {k: v for k, v in to_dict(self.config).items() if k not in RESUMABLE_CHANGES}
+        return {"config": config, "base_sha256": self.model.base.sha256, "prompt": self.prompt,
+                "video": self.video_source}
+
+    def _load_latest(self) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        state = load_training_state(path)
+        if state.get("identity") != self._identity():
+            raise CtxdiffError(f"{path}: this checkpoint was tuned with another base model, video, prompt or settings; "
+                               "resume with the command that started the run")
+        self.model.unet.load_state_dict(state["unet"], strict=False)
+        if self.model.adapter is not None:
+            self.model.adapter.load_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save_checkpoint(self) -> Path:
+        adapter = self.model.adapter.state_dict() if self.model.adapter is not None else None
+        state = {"unet": {k: v.detach().clone() for k, v in self.model.unet.tunable_state().items()},
+                 "adapter": adapter, "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "rng": capture_rng_state(), "identity": self._identity()}
+        path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
+        rotate_checkpoints(self.ckpt_dir, keep_last=self.config.keep_last)
+        self.export()
+        return path
+
+    def export(self) -> Path:
+        return save_tuned(self.out / TUNED_FILE, self.model, self.config, self.prompt, self.video_source, self.step)
+
+    # ------------------------------------------------------------------ loop
+
+    def train_step(self) -> float:
+        """One AdamW step on Eq. 6 for the clip; returns the loss."""
+        model, seed = self.model, step_seed(self.config.seed, self.step)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed + 1)  # dropout layers
+        t = torch.randint(1, model.sched.T + 1, (1,), generator=gen).repeat(self.frames).to(model.device)
+        noise = torch.randn(self.x0.shape, generator=gen).to(model.device)
+        model.unet.train()
+        if model.adapter is not None:
+            model.adapter.train()
+        loss = diffusion_loss(model.sched, model.x0_fn(self.frames, clamp=False), self.x0, self.cond,
+                              model.adapter_fn(self.frames), t=t, noise=noise,
+                              weighting=model.diffusion.loss_weighting, gamma=model.diffusion.min_snr_gamma)
+        if not torch.isfinite(loss):
+            raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
+                               f"(the last good checkpoint is kept in {self.ckpt_dir}); lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False,
+            on_step: Callable[[dict], None] | None = None) -> TuneResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        loss, cfg = math.nan, self.config
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                record = {"step": self.step, "loss": loss}
+                if on_step is not None:
+                    on_step(record)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                if should_stop():
+                    self.save_checkpoint()
+                    return TuneResult(self.step, loss, self.out / TUNED_FILE, interrupted=True)
+        finally:
+            self.model.unet.eval()
+            if self.model.adapter is not None:
+                self.model.adapter.eval()
+        return TuneResult(self.step, loss, self.out / TUNED_FILE, interrupted=False)
