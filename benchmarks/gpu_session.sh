@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, end to end: the test suite on CUDA, the adapter ablation (recipes/shapes.yaml
 # with and without the adapter, same seed and steps) trained and evaluated on the GPU, the SR
-# stage that completes the default cascade, and the GPU benchmarks. Needs the shapes CLIP from
-# `ctxdiff train --recipe recipes/shapes-clip.yaml` in runs/shapes-clip/.
+# stage that completes the default cascade, and the GPU benchmarks; the shapes CLIP is trained
+# first by recipes/shapes-clip.yaml.
 #   benchmarks/gpu_session.sh OUT_DIR            (SMOKE=1 for a few-step CPU rehearsal)
 set -u
 OUT=${1:-gpu-out}
@@ -13,7 +13,7 @@ BENCH=("--backbone shapes-base --batch 32" "--backbone base64 --adapter paper --
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu; WORKERS=0; PYTEST_ARGS=(tests/test_diffusion.py)
   SETS=(--set train.steps=4 --set train.checkpoint_every=2 --set train.sample_every=2 --set train.log_every=1
-        --set model.clip.weights=null --set sample.steps=3 --set sample.sr_steps=3)
+        --set sample.steps=3 --set sample.sr_steps=3)
   ABLATION=(--n 8 --curve-n 4 --steps 3 --guidance 1.5,3 --bpd-n 4 --bpd-timesteps 3 --batch 8)
   BENCH=("--backbone tiny --batch 2 --reps 1")
 fi
@@ -21,32 +21,40 @@ RUNS=gpu-runs; rm -rf "$RUNS"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/logs/session.log"; }
 train() {  # recipe output [extra --set ...]
   local recipe=$1 output=$2; shift 2
-  python -m ctxdiff --device $DEV --quiet train -r "$recipe" --set output="$RUNS/$output" \
+  python3 -m ctxdiff --device $DEV --quiet train -r "$recipe" --set output="$RUNS/$output" \
     --set train.num_workers=$WORKERS "${SETS[@]}" "$@" > "$OUT/logs/train-$output.log" 2>&1
   log "train $output exit $?"
 }
-log "start on $(python -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
+log "start on $(python3 -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
+timeout 300 python3 -m pytest -q "${PYTEST_ARGS[@]}" > "$OUT/logs/pytest.log" 2>&1 &
+P=$!
+CLIP_STEPS=(); [ "${SMOKE:-0}" = 1 ] && CLIP_STEPS=(--set train.steps=3 --set train.batch_size=16)
+python3 -m ctxdiff --device $DEV --quiet train -r recipes/shapes-clip.yaml --set output=$RUNS/shapes-clip \
+  "${CLIP_STEPS[@]}" > "$OUT/logs/train-clip.log" 2>&1
+log "train shapes-clip exit $? $(cat $RUNS/shapes-clip/clip-eval.json 2>/dev/null | tr -d '\n ')"
+SETS+=(--set model.clip.weights=$RUNS/shapes-clip/clip.safetensors)
 train recipes/shapes.yaml shapes-base &
 A=$!
 train recipes/shapes-noadapter.yaml shapes-base-noadapter &
 B=$!
-timeout 300 python -m pytest -q "${PYTEST_ARGS[@]}" > "$OUT/logs/pytest.log" 2>&1
+wait $P
 log "pytest exit $? ($(tail -1 "$OUT/logs/pytest.log"))"
 wait $A
 train recipes/shapes-sr.yaml shapes --set model.base_model=$RUNS/shapes-base/model.safetensors &
 C=$!
 wait $B
-timeout 240 python benchmarks/adapter_ablation.py $RUNS/shapes-base $RUNS/shapes-base-noadapter --device $DEV \
+timeout 240 python3 benchmarks/adapter_ablation.py $RUNS/shapes-base $RUNS/shapes-base-noadapter --device $DEV \
   "${ABLATION[@]}" --out "$OUT/ablation" > "$OUT/logs/ablation.log" 2>&1
 log "ablation exit $?"
 for args in "${BENCH[@]}"; do
-  timeout 120 python benchmarks/adapter_overhead.py --device $DEV $args >> "$OUT/logs/bench-adapter.log" 2>&1
+  timeout 120 python3 benchmarks/adapter_overhead.py --device $DEV $args >> "$OUT/logs/bench-adapter.log" 2>&1
 done
 log "adapter overhead done"
 wait $C
-cp $RUNS/*/metrics.jsonl "$OUT/ablation/" 2>/dev/null
+cp $RUNS/shapes-clip/clip-eval.json "$OUT/ablation/" 2>/dev/null
 for run in shapes-base shapes-base-noadapter shapes; do
   mkdir -p "$OUT/ablation/samples-$run" && cp $RUNS/$run/samples/*.png "$OUT/ablation/samples-$run/" 2>/dev/null
   cp $RUNS/$run/metrics.jsonl "$OUT/ablation/metrics-$run.jsonl" 2>/dev/null
 done
+cp $RUNS/shapes/model.safetensors "$OUT/shapes-default.safetensors" 2>/dev/null
 log "done"

@@ -2,20 +2,27 @@
 _ctxdiff() {
   local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" cmd="" w
   for w in "${COMP_WORDS[@]:1:COMP_CWORD-1}"; do
-    case "$w" in evaluate|generate|shapes|train) cmd="$w"; break;; esac
+    case "$w" in edit|evaluate|generate|invert|shapes|train|tune-video) cmd="$w"; break;; esac
   done
   local opts choices=""
   case "$cmd" in
-    "") opts="--device --json --quiet -q --debug --version --help -h evaluate generate shapes train"
+    "") opts="--device --json --quiet -q --debug --version --help -h edit evaluate generate invert shapes train tune-video"
+      ;;
+    "edit") opts="--tgt -t --src -s --model -m --tuned --inversion --out -o --side-by-side --steps --guidance -g --self-replace --cross-replace --cross-mode --blend-threshold --no-fusion --no-adapter --frames --stride --start --refine --attention-on-cpu --force --help -h"
+      case "$prev" in --cross-mode) choices="replace refine";; esac
       ;;
     "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --help -h"
       ;;
     "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --eta --guidance -g --no-adapter --out -o --grid --batch-size --force --help -h"
       case "$prev" in --sampler) choices="ddim ddpm";; esac
       ;;
+    "invert") opts="--prompt -p --model -m --tuned --out -o --steps --frames --stride --start --refine --attention --attention-on-cpu --no-adapter --no-check --force --help -h"
+      ;;
     "shapes") opts="--n --seed --size --videos --frames --force --help -h"
       ;;
     "train") opts="--recipe -r --set --resume --print-recipe --help -h"
+      ;;
+    "tune-video") opts="--prompt -p --model -m --out -o --recipe -r --set --steps --frames --stride --start --lr --seed --no-adapter --resume --help -h"
       ;;
   esac
   if [[ -n "$choices" ]]; then COMPREPLY=($(compgen -W "$choices" -- "$cur")); return; fi

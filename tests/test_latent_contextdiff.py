@@ -286,6 +286,33 @@ def test_cli_trains_an_adapter_from_a_recipe_and_generates_with_it(recipe, tmp_p
     assert Image.open(record["path"]).size == (16, 24)
 
 
+def test_cli_interrupt_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(recipe, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from ctxdiff.cli import train as train_cli
+
+    asked = {"n": 0}
+
+    @contextmanager
+    def ctrl_c_after_two_steps():
+        def stop() -> bool:   # what a Ctrl-C during step 2 sets
+            asked["n"] += 1
+            return asked["n"] >= 2
+        yield stop
+
+    assert main(["train", "--recipe", recipe("full", "clip")]) == 0
+    monkeypatch.setattr(train_cli, "graceful_interrupt", ctrl_c_after_two_steps)
+    assert main(["train", "--recipe", recipe("part", "clip")]) == 130
+    assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step-00000002.pt"
+    monkeypatch.undo()
+    assert main(["train", "--recipe", recipe("part", "clip"), "--resume"]) == 0
+    full, part = (load_bundle(tmp_path / run / "adapter.safetensors") for run in ("full", "part"))
+    assert full.extra["step"] == part.extra["step"] == 4
+    for module in ("adapter", "clip"):
+        for name, value in full.tensors[module].items():
+            assert torch.equal(value, part.tensors[module][name]), f"{module}.{name}"
+
+
 def test_cli_rejects_recipe_values_that_do_not_fit_the_backbone(recipe, capsys):
     for override, named in (("diffusion.schedule=cosine", "diffusion.schedule"),
                             ("model.adapter.x_shape=[4,4,4]", "model.adapter.x_shape"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ctxdiff.cli import evaluate, generate, shapes, train  # noqa: F401  (registers the subcommands)
+from ctxdiff.cli import edit, invert, tune_video  # noqa: F401  (video editing subcommands)
 from ctxdiff.cli.app import app, options
 from ctxdiff.errors import CtxdiffError
 

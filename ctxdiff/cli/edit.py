@@ -48,9 +48,8 @@ def edit(
 ) -> None:
     """Edit a video to match the target prompt; prints text alignment and temporal consistency."""
     from ctxdiff.data.video import side_by_side, write_video
-    from ctxdiff.metrics.video import video_scores
-    from ctxdiff.pipelines.video_edit import (EditParams, InversionParams, check_inversion, edit_video, invert_video,
-                                              load_inversion, read_source)
+    from ctxdiff.pipelines.video_edit import (EditParams, InversionParams, check_inversion, edit_scores, edit_video,
+                                              invert_video, load_inversion, read_source)
     from ctxdiff.pipelines.video_model import VideoModel
 
     path = out or Path("edits") / f"{video.stem or video.name}-{safe_stem(tgt)}.mp4"
@@ -87,13 +86,13 @@ def edit(
                                              **asdict(params), "cross_mode": result.cross_mode,
                                              "model": vmodel.base.path,
                                              "tuned": vmodel.tuned.path if vmodel.tuned else None})
-    scores = video_scores(vmodel.clip, result.frames, tgt)
+    scores = edit_scores(vmodel, result.frames, tgt)
     record = {"out": str(path), "prompt": tgt, "source_prompt": text, "frames": len(result.frames),
               "fps": inversion.fps, "cross_mode": result.cross_mode, "blend_fraction": result.blend_fraction,
               "adapter": params.adapter, **{k: v for k, v in scores.items() if k != "frames"}}
     emit_json(record)
     if not options().json:
-        print_table(f"edited {len(result.frames)} frames -> {path}",
-                    ["text alignment", "temporal consistency (all pairs)", "temporal consistency (consecutive)"],
-                    [[scores["text_alignment"], scores["temporal_consistency_all_pairs"],
-                      scores["temporal_consistency_consecutive"]]])
+        names = {"text_alignment": "text alignment", "temporal_consistency_all_pairs": "temporal consistency (all pairs)",
+                 "temporal_consistency_consecutive": "temporal consistency (consecutive)"}
+        shown_scores = {names[k]: v for k, v in scores.items() if k in names}
+        print_table(f"edited {len(result.frames)} frames -> {path}", list(shown_scores), [list(shown_scores.values())])

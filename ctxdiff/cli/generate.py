@@ -1,4 +1,5 @@
-"""`ctxdiff generate "a cat in armor" [...]`: text-to-image from a t2i bundle (default: the bundled model)."""
+"""`ctxdiff generate "a cat in armor" [...]`: text-to-image from a t2i bundle (default: the bundled model),
+or from a Stable Diffusion checkpoint with an optional latent adapter (`--model sd.safetensors --adapter FILE`)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,11 @@ def default_model() -> Path:
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts; '-' reads one prompt per line from stdin."),
     from_file: Path = typer.Option(None, "--from-file", help="Read prompts from a file, one per line."),
-    model: Path = typer.Option(None, "--model", "-m", help="A t2i bundle from `ctxdiff train`, or a Stable Diffusion 1.x/2.x checkpoint (file or diffusers folder) (default: the bundled shapes model)."),
-    adapter: Path = typer.Option(None, "--adapter", help="A latent adapter (from `ctxdiff train` with a `latent:` recipe) for the SD checkpoint of --model."),
-    height: int = typer.Option(None, "--height", min=8, help="SD checkpoints: image height in pixels (default: the model's, 512 for SD 1.x)."),
-    width: int = typer.Option(None, "--width", min=8, help="SD checkpoints: image width in pixels (default: the model's)."),
-    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="SD checkpoints: decode in 512-pixel tiles (large images, less memory)."),
+    model: Path = typer.Option(None, "--model", "-m", help="A t2i bundle from `ctxdiff train`, or an SD 1.x/2.x checkpoint or diffusers folder (default: the bundled model)."),
+    adapter: Path = typer.Option(None, "--adapter", help="A latent adapter (`ctxdiff train`, `latent:` recipe) for the SD checkpoint of --model."),
+    height: int = typer.Option(None, "--height", min=8, help="SD checkpoints: image height in pixels (default: 512 for SD 1.x)."),
+    width: int = typer.Option(None, "--width", min=8, help="SD checkpoints: image width in pixels (default: 512 for SD 1.x)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="SD checkpoints: decode in 512-pixel tiles (less memory)."),
     num: int = typer.Option(1, "--num", "-n", min=1, help="Images per prompt."),
     seed: int = typer.Option(None, "--seed", help="Seed of the first image (random when omitted; always recorded)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps of the base stage (default: the model's)."),

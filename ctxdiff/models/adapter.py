@@ -117,7 +117,7 @@ class ContextAdapter(nn.Module):
         if self.image_proj is not None:
             with torch.no_grad():
                 image_tokens = self.image_encoder(x0)
-            tokens = torch.cat([tokens, self.image_proj(image_tokens)], dim=1)
+            tokens = torch.cat([tokens, self.image_proj(image_tokens.to(tokens.dtype))], dim=1)
         tokens = tokens + self.time_embed(batch_timesteps(t, b, x0.device))[:, None, :]
         for block in self.blocks:
             tokens = block(tokens, cond.tokens, cond.mask)

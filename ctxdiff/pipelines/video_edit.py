@@ -181,6 +181,18 @@ class EditResult:
     notes: list[str] = field(default_factory=list)
 
 
+def edit_scores(model: VideoModel, frames: np.ndarray, prompt: str) -> dict:
+    """Text alignment with `prompt` and, for two frames or more, temporal consistency (both pairings),
+    on the model's CLIP (metrics/video.py)."""
+    from ctxdiff.metrics.clip_score import embed_images, embed_prompts
+    from ctxdiff.metrics.video import text_alignment, video_scores
+
+    if len(frames) >= 2:
+        return video_scores(model.clip, frames, prompt)
+    return {"frames": 1, "text_alignment": text_alignment(embed_images(model.clip, list(frames)),
+                                                          embed_prompts(model.clip, [prompt])[0])}
+
+
 def token_ids(model: VideoModel, prompt: str) -> list[int]:
     """The prompt's token ids from the start token to the end token."""
     ids = model.clip.tokenize([prompt])[0].tolist()
