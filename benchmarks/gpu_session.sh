@@ -8,7 +8,7 @@ set -u
 OUT=${1:-gpu-out}
 mkdir -p "$OUT/logs"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-DEV=cuda; WORKERS=6; SETS=(); PYTEST_ARGS=(-n 6 tests/); ABLATION=(--bpd-timesteps 200)
+DEV=cuda; WORKERS=4; SETS=(); PYTEST_ARGS=(-n 4 tests/); ABLATION=(--bpd-timesteps 200)
 BENCH=("--backbone shapes-base --batch 32" "--backbone base64 --adapter paper --batch 16 --precision bf16")
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu; WORKERS=0; PYTEST_ARGS=(tests/test_diffusion.py)
