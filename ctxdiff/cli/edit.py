@@ -12,7 +12,8 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.generate import safe_stem
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import clip_settings, refuse_existing, source_prompt
+from ctxdiff.cli.video_common import (ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
+                                      clip_settings, refuse_existing, source_prompt)
 from ctxdiff.errors import UsageError
 
 
@@ -26,24 +27,30 @@ def edit(
     video: Path = typer.Argument(..., help="Source video file, folder of frames, or one image."),
     tgt: str = typer.Option(..., "--tgt", "-t", help="Target prompt: what the edited video should show."),
     src: str = typer.Option(None, "--src", "-s", help="Source prompt (default: the inversion's or tuned file's)."),
-    model: Path = typer.Option(None, "--model", "-m", help="Base t2i bundle (default: the tuned file's base, else the bundled model)."),
-    tuned: Path = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-video`."),
+    model: Path = MODEL,
+    tuned: Path = TUNED,
     inversion_file: Path = typer.Option(None, "--inversion", help="Reuse an inversion from `ctxdiff invert`."),
-    out: Path = typer.Option(None, "--out", "-o", help="Edited video: .mp4, .webm, .gif or a folder (default: edits/<name>-<target>.mp4)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Edited video: .mp4, .webm, .gif or a folder "
+                                                       "(default: edits/<name>-<target>.mp4)."),
     side_by_side_: bool = typer.Option(False, "--side-by-side", help="Write source and edit next to each other."),
     steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps when inverting here (paper: T = 20)."),
     guidance: float = typer.Option(7.5, "--guidance", "-g", min=0.0, help="Classifier-free guidance weight."),
-    self_replace: float = typer.Option(0.5, "--self-replace", min=0.0, max=1.0, help="Fraction of steps with stored self-attention."),
-    cross_replace: float = typer.Option(0.8, "--cross-replace", min=0.0, max=1.0, help="Fraction of steps with stored cross-attention."),
-    cross_mode: CrossMode = typer.Option(CrossMode.replace, "--cross-mode", help="replace (equal token counts) or refine."),
-    blend_threshold: float = typer.Option(0.3, "--blend-threshold", min=0.0, max=1.0, help="Threshold of the blend mask."),
+    self_replace: float = typer.Option(0.5, "--self-replace", min=0.0, max=1.0,
+                                       help="Fraction of steps with stored self-attention."),
+    cross_replace: float = typer.Option(0.8, "--cross-replace", min=0.0, max=1.0,
+                                        help="Fraction of steps with stored cross-attention."),
+    cross_mode: CrossMode = typer.Option(CrossMode.replace, "--cross-mode",
+                                         help="replace (prompts of equal token count) or refine."),
+    blend_threshold: float = typer.Option(0.3, "--blend-threshold", min=0.0, max=1.0,
+                                          help="Threshold of the blend mask."),
     no_fusion: bool = typer.Option(False, "--no-fusion", help="No attention fusion (Tune-A-Video style)."),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="r = 0 in inversion and sampling (the baseline)."),
-    frames: int = typer.Option(None, "--frames", min=1, help="Frames to read (default: as tuned, else 8)."),
-    stride: int = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default: as tuned, else 2)."),
-    start: int = typer.Option(None, "--start", min=0, help="First frame (default: as tuned, else 0)."),
-    refine: int = typer.Option(0, "--refine", min=0, help="Inversion fixed-point iterations per step."),
-    attention_on_cpu: bool = typer.Option(False, "--attention-on-cpu", help="Keep stored attention maps in host memory."),
+    frames: int = FRAMES,
+    stride: int = STRIDE,
+    start: int = START,
+    spacing: Spacing = SPACING,
+    refine: int = REFINE,
+    attention_on_cpu: bool = ATTENTION_ON_CPU,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Edit a video to match the target prompt; prints text alignment and temporal consistency."""
@@ -63,7 +70,8 @@ def edit(
         inversion = load_inversion(inversion_file)
         check_inversion(vmodel, inversion, str(inversion_file))
         if Path(inversion.source) != video.resolve():
-            raise UsageError(f"{inversion_file}: inverts {inversion.source}, not {video}; pass that video or invert again")
+            raise UsageError(f"{inversion_file}: inverts {inversion.source}, not {video}; pass that video or "
+                             "invert again")
         if src and src != inversion.prompt:
             raise UsageError(f"{inversion_file}: inverted with the prompt {inversion.prompt!r}, not {src!r}; "
                              "drop --src or invert again")
@@ -76,7 +84,7 @@ def edit(
     with progress_bar("edit", total) as bar:
         if inversion_file is None:
             inversion = invert_video(vmodel, clip, text, InversionParams(
-                steps=steps, refine=refine, adapter=params.adapter, attention=params.fusion,
+                steps=steps, spacing=spacing.value, refine=refine, adapter=params.adapter, attention=params.fusion,
                 attention_on_cpu=attention_on_cpu), progress=bar)
         result = edit_video(vmodel, inversion, tgt, params, progress=bar)
     for note in result.notes:
@@ -92,7 +100,9 @@ def edit(
               "adapter": params.adapter, **{k: v for k, v in scores.items() if k != "frames"}}
     emit_json(record)
     if not options().json:
-        names = {"text_alignment": "text alignment", "temporal_consistency_all_pairs": "temporal consistency (all pairs)",
+        names = {"text_alignment": "text alignment",
+                 "temporal_consistency_all_pairs": "temporal consistency (all pairs)",
                  "temporal_consistency_consecutive": "temporal consistency (consecutive)"}
-        shown_scores = {names[k]: v for k, v in scores.items() if k in names}
-        print_table(f"edited {len(result.frames)} frames -> {path}", list(shown_scores), [list(shown_scores.values())])
+        shown_scores = {label: scores[key] for key, label in names.items() if key in scores}
+        print_table(f"edited {len(result.frames)} frames -> {path}", list(shown_scores),
+                    [list(shown_scores.values())])

@@ -9,23 +9,28 @@ import typer
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import clip_settings, refuse_existing, source_prompt
+from ctxdiff.cli.video_common import (ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
+                                      clip_settings, refuse_existing, source_prompt)
 
 
 @app.command()
 def invert(
     source: Path = typer.Argument(..., help="Video file, folder of frames, or one image."),
-    prompt: str = typer.Option(None, "--prompt", "-p", help="Source prompt (default: the tuned file's, or the sidecar's)."),
-    model: Path = typer.Option(None, "--model", "-m", help="Base t2i bundle (default: the tuned file's base, else the bundled model)."),
-    tuned: Path = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-video`."),
-    out: Path = typer.Option(None, "--out", "-o", help="Inversion file (default: <source name>.inversion.safetensors)."),
+    prompt: str = typer.Option(None, "--prompt", "-p",
+                               help="Source prompt (default: the tuned file's, or the video sidecar's)."),
+    model: Path = MODEL,
+    tuned: Path = TUNED,
+    out: Path = typer.Option(None, "--out", "-o",
+                             help="Inversion file (default: <source name>.inversion.safetensors)."),
     steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps (paper: T = 20)."),
-    frames: int = typer.Option(None, "--frames", min=1, help="Frames to read (default: as tuned, else 8)."),
-    stride: int = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default: as tuned, else 2)."),
-    start: int = typer.Option(None, "--start", min=0, help="First frame (default: as tuned, else 0)."),
-    refine: int = typer.Option(0, "--refine", min=0, help="Fixed-point iterations per step (exact inversion as it grows)."),
-    attention: bool = typer.Option(False, "--attention", help="Store the low-resolution attention maps (for edit's fusion)."),
-    attention_on_cpu: bool = typer.Option(False, "--attention-on-cpu", help="Keep stored attention maps in host memory."),
+    frames: int = FRAMES,
+    stride: int = STRIDE,
+    start: int = START,
+    spacing: Spacing = SPACING,
+    refine: int = REFINE,
+    attention: bool = typer.Option(False, "--attention",
+                                   help="Store the low-resolution attention maps (for edit's fusion)."),
+    attention_on_cpu: bool = ATTENTION_ON_CPU,
     no_adapter: bool = typer.Option(False, "--no-adapter", help="Invert with r = 0 (plain DDIM inversion)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip sampling back (no reconstruction error)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing inversion file."),
@@ -41,8 +46,8 @@ def invert(
     if no_adapter and vmodel.adapter is None:
         warn("this model has no adapter; --no-adapter changes nothing")
     clip = read_source(source, **clip_settings(vmodel.tuned_on, frames, stride, start), size=vmodel.image_size)
-    params = InversionParams(steps=steps, refine=refine, adapter=not no_adapter, attention=attention,
-                             attention_on_cpu=attention_on_cpu)
+    params = InversionParams(steps=steps, spacing=spacing.value, refine=refine, adapter=not no_adapter,
+                             attention=attention, attention_on_cpu=attention_on_cpu)
     with progress_bar("invert", (steps - 1) + (0 if no_check else steps)) as bar:
         inversion = invert_video(vmodel, clip, text, params, progress=bar)
         check = None if no_check else reconstruct(vmodel, inversion, progress=bar)

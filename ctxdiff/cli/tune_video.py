@@ -26,7 +26,8 @@ def tune_video(
     start: int = typer.Option(None, "--start", min=0, help="First frame to take."),
     lr: float = typer.Option(None, "--lr", min=0.0, help="AdamW learning rate (Tab. 8: 1e-5)."),
     seed: int = typer.Option(None, "--seed", help="Seed of the diffusion steps and noise (default 0)."),
-    no_adapter: bool = typer.Option(False, "--no-adapter", help="Tune without the adapter (the Tune-A-Video baseline)."),
+    no_adapter: bool = typer.Option(False, "--no-adapter",
+                                    help="Tune without the adapter (the Tune-A-Video baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
 ) -> None:
     """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8)."""

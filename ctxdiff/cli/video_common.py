@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
+
+import typer
 
 from ctxdiff.data.video import video_prompt
 from ctxdiff.errors import UsageError
+
+class Spacing(str, Enum):
+    leading = "leading"
+    trailing = "trailing"
+    linspace = "linspace"
+
+
+# Options `invert` and `edit` share.
+MODEL = typer.Option(None, "--model", "-m",
+                     help="Base t2i bundle (default: the tuned file's base, else the bundled model).")
+TUNED = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-video`.")
+FRAMES = typer.Option(None, "--frames", min=1, help="Frames to read (default: as tuned, else 8).")
+STRIDE = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default: as tuned, else 2).")
+START = typer.Option(None, "--start", min=0, help="First frame (default: as tuned, else 0).")
+SPACING = typer.Option(Spacing.leading, "--spacing", help="DDIM timestep spacing (leading: from t = 1).")
+REFINE = typer.Option(0, "--refine", min=0, help="Inversion fixed-point iterations per step.")
+ATTENTION_ON_CPU = typer.Option(False, "--attention-on-cpu", help="Keep stored attention maps in host memory.")
 
 DEFAULT_CLIP = {"frames": 8, "stride": 2, "start": 0}   # Tab. 8: 8 frames, sampling rate 2
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.layers import Attention, SpatialTransformer, TransformerBlock
-from ctxdiff.models.temporal import TemporalAttention
+from ctxdiff.models.temporal import TemporalAttention, fixed_init
 from ctxdiff.models.unet import UNet
 
 # Parameters one-shot tuning trains (Tune-A-Video): the query projections of spatial self- and
@@ -83,7 +83,8 @@ class _ControlledAttention(Attention):
         new.load_state_dict(attn.state_dict())
         return new.to(attn.to_q.weight)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (self._split_heads(x) for x in (q, k, v))
         control = self.state.control
         if control is None or not control.wants(self.site, self.kind, q.shape[2]):
@@ -165,17 +166,20 @@ class VideoSpatialTransformer(nn.Module):
 
 
 class VideoUNet(nn.Module):
-    """A U-Net inflated in place (see the module docstring); f_theta(x_t, c, t) per video frame."""
+    """A U-Net inflated in place (see the module docstring); f_theta(x_t, c, t) per video frame.
+    The new temporal layers are initialised from a fixed seed: the same U-Net inflates the same way."""
 
     def __init__(self, unet: UNet, config: InflateConfig = InflateConfig()):
         super().__init__()
         self.config, self.state = config, VideoState()
         self.sites: list[str] = []
-        for name, module in list(unet.named_modules()):
-            if isinstance(module, SpatialTransformer):
-                parent, _, attr = name.rpartition(".")
-                setattr(unet.get_submodule(parent), attr, VideoSpatialTransformer.inflate(module, self.state, name, config))
-                self.sites.append(name)
+        with fixed_init():
+            for name, module in list(unet.named_modules()):
+                if isinstance(module, SpatialTransformer):
+                    parent, _, attr = name.rpartition(".")
+                    setattr(unet.get_submodule(parent), attr,
+                            VideoSpatialTransformer.inflate(module, self.state, name, config))
+                    self.sites.append(name)
         self.unet = unet
 
     @property

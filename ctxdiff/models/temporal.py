@@ -9,11 +9,23 @@ projection is zero-initialised, so a new layer leaves a pretrained image model u
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ctxdiff.models.layers import zero_init
+
+
+@contextmanager
+def fixed_init(seed: int = 0) -> Iterator[None]:
+    """Initialise the layers built inside the block from `seed`, leaving the global RNG as it was:
+    inflating the same model twice gives the same new layers (reproducible tuning runs)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def causal_window_mask(frames: int, window: int, device: torch.device | None = None) -> torch.Tensor:

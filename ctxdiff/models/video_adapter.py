@@ -7,8 +7,9 @@ cross-attention to the text. After each of its blocks a temporal causal attentio
 token attend to the same token in the current and the previous `window - 1` frames (Tab. 8:
 3 frames). The temporal layers run as forward hooks on the image adapter's blocks, so the image
 adapter's code and parameter names (under `image.`) stay those of a t2i bundle's adapter. Their
-output projections are zero-initialised: a new video adapter equals the image adapter frame by
-frame. The bias is per frame, shaped like the video [B*F, C, H, W] (Eq. 1: k_t r_phi(x_0, c, t)).
+output projections are zero-initialised (the rest from a fixed seed): a new video adapter equals
+the image adapter frame by frame. The bias is per frame, shaped like the video [B*F, C, H, W]
+(Eq. 1: the mean shift k_t r_phi(x_0, c, t)).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from ctxdiff.models.adapter import AdapterConfig, ContextAdapter
 from ctxdiff.models.conditioning import TextCondition
-from ctxdiff.models.temporal import TemporalAttention
+from ctxdiff.models.temporal import TemporalAttention, fixed_init
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ class VideoAdapter(nn.Module):
         self.config = config
         self.image = ContextAdapter(config.adapter, image_encoder)
         width, heads = config.adapter.width, config.adapter.heads
-        self.temporal = nn.ModuleList(TemporalAttention(width, heads, width // heads, window=config.window)
-                                      for _ in self.image.blocks)
+        with fixed_init():
+            self.temporal = nn.ModuleList(TemporalAttention(width, heads, width // heads, window=config.window)
+                                          for _ in self.image.blocks)
         self._frames = 1
         for block, layer in zip(self.image.blocks, self.temporal):
             block.register_forward_hook(self._temporal_hook(layer))

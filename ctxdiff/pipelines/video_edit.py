@@ -48,10 +48,19 @@ def read_source(path: str | Path, frames: int, stride: int, start: int, size: in
 
 @dataclass(frozen=True)
 class InversionParams:
-    """Context-aware DDIM inversion settings (paper Sec. 4.2: T = 20 DDIM steps)."""
+    """Context-aware DDIM inversion settings (paper Sec. 4.2: T = 20 DDIM steps).
+
+    `spacing="leading"` (as diffusers' DDIM for Stable Diffusion, which Tune-A-Video and FateZero
+    invert with) runs from t_1 = 1, where the source frames are x_{t_1} up to a negligible noise
+    level, to t_N = T - T/N + 1, where sqrt(abar) still keeps a trace of them. "trailing" ends at
+    t_N = T, where a cosine schedule's abar_T ~ 0 leaves x_T no signal of x_0: on the shapes-world
+    test model, either the reconstruction (refine 0) or the edit (refine 1) then ran along the
+    mirrored path in every clip tried (benchmarks/video_edit.py shapes compares the spacings).
+    `refine` fixed-point iterations do not converge from t_1 = 1 (the step divides by
+    sqrt(1 - abar_1)); with "trailing" spacing they cut the reconstruction error several-fold."""
 
     steps: int = 20
-    spacing: str = "trailing"
+    spacing: str = "leading"
     refine: int = 0                  # fixed-point iterations per step (0: plain DDIM inversion)
     adapter: bool = True             # r_phi in the inversion (False: r = 0)
     attention: bool = False          # store the low-resolution attention maps (for fusion)
@@ -98,7 +107,7 @@ def invert_video(model: VideoModel, video: Video, prompt: str, params: Inversion
 
 def save_inversion(path: str | Path, inversion: Inversion) -> Path:
     """Write an inversion (kind "video-inversion") for `ctxdiff edit --inversion`."""
-    modules = {"trajectory": {"x": inversion.trajectory}, "frames": {"rgb": torch.from_numpy(inversion.frames)}}
+    modules = {"trajectory": {"x": inversion.trajectory}, "frames": {"rgb": torch.tensor(inversion.frames)}}
     if inversion.attention:
         modules["attention"] = inversion.attention
     extra = {"timesteps": inversion.timesteps, "fps": inversion.fps, "prompt": inversion.prompt,

@@ -57,7 +57,7 @@ def _sha256(path: str, mtime_ns: int, size: int) -> str:
 
 def frames_to_tensor(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 [F, H, W, 3] -> float [F, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(frames, dtype=np.uint8)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @dataclass
@@ -115,12 +115,14 @@ class VideoModel:
         bundle = load_bundle(tuned, kind=TUNED_KIND) if tuned is not None else None
         recorded = ModelRef(**bundle.extra["base_model"]) if bundle is not None else None
         path = Path(model) if model is not None else _default_base(tuned, recorded)
-        ref = ModelRef.of(path) if path.is_file() else None
-        if ref is None:
-            raise CtxdiffError(f"{path}: no such model file; pass --model FILE (a t2i bundle written by `ctxdiff train`)")
+        if not path.is_file():
+            raise CtxdiffError(f"{path}: no such model file; pass --model FILE (a t2i bundle written by "
+                               "`ctxdiff train`)")
+        ref = ModelRef.of(path)
         if recorded is not None and recorded.sha256 != ref.sha256:
-            raise CtxdiffError(f"{tuned}: tuned for another base model ({recorded.path}, sha256 {recorded.sha256[:12]}), "
-                               f"not {path} (sha256 {ref.sha256[:12]}); pass --model {recorded.path} or tune again")
+            raise CtxdiffError(f"{tuned}: tuned for another base model ({recorded.path}, sha256 "
+                               f"{recorded.sha256[:12]}), not {path} (sha256 {ref.sha256[:12]}); pass --model "
+                               f"{recorded.path} or tune again")
         pipe = Text2Image.from_bundle(path, device)
         if bundle is not None:
             inflate = from_dict(InflateConfig, bundle.configs["inflate"], "inflate")

@@ -16,6 +16,9 @@ from ctxdiff.recipes import DataConfig, DiffusionConfig, SampleConfig, TrainConf
 class ModelConfig:
     """What is trained. `adapter: null` trains plain diffusion (r = 0) through the same code path.
 
+    `init_from` continues training from a t2i bundle: its base stage (or, for train.stage: sr, its
+    super-resolution stage) supplies the starting weights of the U-Net and the adapter.
+
     The SR stage (train.stage: sr) joins the base model of `base_model` (a t2i bundle) into a
     cascade bundle; its low-res input is the training image downsampled to `lowres_size`.
     """
@@ -25,6 +28,7 @@ class ModelConfig:
     adapter: AdapterConfig | None = None
     base_model: str | None = None
     lowres_size: int = 64
+    init_from: str | None = None  # a t2i bundle whose stage weights (unet, adapter) start this run
 
     def __post_init__(self) -> None:
         if self.lowres_size < 1:

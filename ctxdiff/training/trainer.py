@@ -127,6 +127,19 @@ def check_run_folder(out: Path, ckpt_dir: Path, resume: bool) -> None:
                            f"continue it, or choose another folder with --set output=...")
 
 
+def _init_from_bundle(path: str, prefix: str, unet: UNet, adapter: nn.Module | None) -> None:
+    """Start from the `prefix` stage of a t2i bundle (names of missing or mismatched tensors are listed)."""
+    from ctxdiff.checkpoints import load_bundle, load_module_state
+
+    bundle = load_bundle(path, kind="t2i")
+    for name, module in ((f"{prefix}unet", unet), (f"{prefix}adapter", adapter)):
+        if module is None:
+            continue
+        if name not in bundle.tensors:
+            raise CtxdiffError(f"{path}: model.init_from has no '{name}' weights for this stage")
+        load_module_state(module, bundle.tensors[name], f"{path} {name}")
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
 
@@ -179,6 +192,8 @@ class Trainer:
             unet_cfg = replace(unet_cfg, gradient_checkpointing=True)
         unet = UNet(unet_cfg)
         adapter = build_adapter(recipe.model.adapter, self.clip) if recipe.model.adapter is not None else None
+        if recipe.model.init_from:
+            _init_from_bundle(recipe.model.init_from, "sr_" if cfg.stage == "sr" else "", unet, adapter)
         self.objective = DenoisingObjective(unet, adapter, recipe).to(self.device)
         self.ema = EMA(self.objective, cfg.ema_decay, cfg.ema_warmup)
         self.model = self.objective

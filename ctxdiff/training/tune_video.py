@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -89,11 +89,13 @@ class TuneResult:
 class VideoTuner:
     """One tuning run of `model` on `video` (frames at the model's size) with its source `prompt`.
 
-    The run folder `out` holds checkpoints/, metrics.jsonl and tuned.safetensors.
+    The run folder `out` holds checkpoints/, metrics.jsonl and tuned.safetensors. `config.frames`
+    is taken from the clip (an image source gives one frame), so the tuned file records what was read.
     """
 
     def __init__(self, model: VideoModel, video: Video, prompt: str, config: TuneConfig, out: str | Path,
                  resume: bool = False, log: Callable[[str], None] = lambda _: None) -> None:
+        config = replace(config, frames=len(video))
         self.model, self.prompt, self.config, self.log = model, prompt, config, log
         self.video_source = str(Path(video.source).resolve())
         self.out = Path(out)
