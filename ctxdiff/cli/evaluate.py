@@ -14,7 +14,7 @@ from typing import Any, Callable
 import typer
 
 import ctxdiff
-from ctxdiff.cli.app import app, options
+from ctxdiff.cli.app import app
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar
 from ctxdiff.errors import CtxdiffError, UsageError

@@ -251,7 +251,7 @@ class Trainer:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "step": self.step, "rng": capture_rng_state(),
                      "recipe": to_dict(self.recipe)}
-            path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
+            save_training_state(training_state_path(self.ckpt_dir, self.step), state)
             rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
             self.export()
         if self.world > 1:

@@ -1,0 +1,56 @@
+"""Quality of a shapes model (default: the bundled one) on held-out prompts, judged without any
+neural network: per-attribute accuracy for single- and two-object prompts, at the cascade's
+output size. Also times one `generate` call (the README's "under 15 s on 2 CPU cores").
+
+    python benchmarks/default_model_quality.py [--model FILE] [--n 200] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ctxdiff.data.png import to_uint8
+from ctxdiff.data.shapes import held_out_prompts
+from ctxdiff.metrics.shapes_judge import judge_many
+from ctxdiff.pipelines.text2image import DEFAULT_MODEL, Text2Image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--n", type=int, default=200, help="prompts of each kind (single, two)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--no-adapter", action="store_true")
+    parser.add_argument("--base-only", action="store_true", help="judge the 32x32 base stage")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    pipe = Text2Image.from_bundle(args.model, args.device)
+    if args.base_only:
+        pipe.sr = None
+    d = pipe.defaults
+    params = replace(d, steps=args.steps or d.steps, guidance=d.guidance if args.guidance is None else args.guidance,
+                     adapter=not args.no_adapter)
+    start = time.perf_counter()
+    pipe.sample(["a red circle above a blue square"], [0], params)
+    one_image = time.perf_counter() - start
+    report = {"model": args.model, "params": params.__dict__, "seconds_one_image": one_image}
+    for kind in ("single", "two"):
+        prompts = held_out_prompts(args.n, seed=2024, kind=kind)
+        images = np.concatenate([to_uint8(pipe.sample(prompts[i:i + args.batch], list(range(i, i + args.batch)), params))
+                                 for i in range(0, len(prompts), args.batch)])
+        result = judge_many(list(images), prompts)
+        report[kind] = {row[1]: row[4] for row in result.rows() if row[0] == kind}
+        report[kind]["all_correct"] = result.all_correct_rate(kind)
+    print(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
