@@ -16,16 +16,12 @@ Output: <output>/adapter.safetensors (the EMA adapter, "latent-adapter" kind) an
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
                                  save_training_state, training_state_path)
@@ -38,14 +34,14 @@ from ctxdiff.models.latent import load_sd
 from ctxdiff.pipelines.latent import (SD_DEFAULTS, LatentText2Image, build_latent_adapter, check_adapter_fits,
                                       save_latent_adapter)
 from ctxdiff.pipelines.text2image import SamplingParams
-from ctxdiff.recipes import dump_recipe, to_dict
+from ctxdiff.recipes import to_dict
 from ctxdiff.training.recipe import Recipe
-from ctxdiff.training.trainer import EMA, TrainResult, _autocast, batch_stream, check_run_folder, step_seed
+from ctxdiff.training.trainer import EMA, TrainLoop, _autocast, batch_stream, check_run_folder, step_seed
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class LatentAdapterTrainer:
+class LatentAdapterTrainer(TrainLoop):
     """One run of adapter training over an SD backbone; the interface of `Trainer` (step, on_step, run)."""
 
     def __init__(self, recipe: Recipe, device: torch.device, resume: bool = False,
@@ -57,6 +53,7 @@ class LatentAdapterTrainer:
         _check_recipe(recipe)
         self.out = Path(recipe.output)
         self.ckpt_dir = self.out / "checkpoints"
+        self.model_path = self.out / "adapter.safetensors"
         check_run_folder(self.out, self.ckpt_dir, resume)
 
         self.models = load_sd(latent.sd_checkpoint, prediction_type=latent.prediction_type, use_ema=latent.use_ema,
@@ -159,47 +156,14 @@ class LatentAdapterTrainer:
                 loss = diffusion_loss(self.pipe.sched, self.pipe.x0_fn, z0, cond, self.adapter,
                                       t=t[part].to(self.device), noise=noise[part].to(self.device),
                                       weighting=r.diffusion.loss_weighting, gamma=r.diffusion.min_snr_gamma)
-            if not torch.isfinite(loss):
-                raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
-                                   f"(the last good checkpoint is kept in {self.ckpt_dir}); lower train.lr, "
-                                   "or use train.precision=fp32")
+            self.check_finite(loss)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimizer_step(self.adapter.parameters())
         self.ema.update(self.adapter, self.step)
         self.step += 1
         return float(total)
 
-    def run(self, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
-        cfg = self.recipe.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
-        loss, model_path = math.nan, self.out / "adapter.safetensors"
-        started, first_step = time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            loss = self.train_step()
-            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "it_per_s": (self.step - first_step) / max(time.perf_counter() - started, 1e-9)}
-            if self.on_step is not None:
-                self.on_step(record)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
-                self.preview()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-            if should_stop():
-                self.save_checkpoint()
-                return TrainResult(self.step, loss, model_path, interrupted=True)
-        return TrainResult(self.step, loss, model_path, interrupted=False)
-
-    @torch.no_grad()
     def preview(self, count: int = 4) -> Path:
         """A grid of samples with the EMA adapter (DDIM, at most 20 steps) at the training resolution."""
         prompts = list(self.recipe.preview_prompts) or self._dataset_captions(count)

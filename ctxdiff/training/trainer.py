@@ -169,7 +169,59 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-class Trainer:
+class TrainLoop:
+    """The loop every trainer shares: steps, JSONL metrics, previews, checkpoints, a graceful stop.
+
+    A subclass sets recipe, out, ckpt_dir, step, optimizer, scheduler, scaler, model_path, on_step
+    and `writer` (whether this process writes files), and provides train_step, preview and
+    save_checkpoint.
+    """
+
+    writer = True
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
+        cfg = self.recipe.train
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
+        loss = math.nan
+        started, first_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                      "it_per_s": (self.step - first_step) / max(time.perf_counter() - started, 1e-9)}
+            if self.on_step is not None:
+                self.on_step(record)
+            if self.writer and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.preview()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+            if should_stop():
+                self.save_checkpoint()
+                return TrainResult(self.step, loss, self.model_path, interrupted=True)
+        return TrainResult(self.step, loss, self.model_path, interrupted=False)
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """A non-finite loss stops the run before the update: the last good checkpoint stays."""
+        if not torch.isfinite(loss):
+            raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
+                               f"(the last good checkpoint is kept in {self.ckpt_dir}); lower train.lr, "
+                               "or use train.precision=fp32")
+
+    def optimizer_step(self, parameters) -> None:
+        """Unscale, clip, step (AMP-aware), advance the LR schedule."""
+        if self.recipe.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(parameters, self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+
+class Trainer(TrainLoop):
     """One training run of a base or super-resolution stage from a recipe."""
 
     def __init__(self, recipe: Recipe, device: torch.device, resume: bool = False,
@@ -177,12 +229,14 @@ class Trainer:
         self.recipe, self.resume, self.on_step, self.log = recipe, resume, on_step, log
         self.device = init_distributed(device)
         self.rank, self.world = _dist()
+        self.writer = self.rank == 0
         cfg = recipe.train
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise UsageError(f"train.batch_size={cfg.batch_size} must divide evenly over {self.world} process(es) "
                              f"x {cfg.grad_accum} accumulation step(s)")
         self.out = Path(recipe.output)
         self.ckpt_dir = self.out / "checkpoints"
+        self.model_path = self.out / "model.safetensors"
         self._check_output()
 
         torch.manual_seed(cfg.seed)  # a CLIP without weights (tests) is random: make it the same on resume
@@ -321,50 +375,16 @@ class Trainer:
                 loss = self.model(x0[part].to(self.device), cond, t[part].to(self.device), noise[part].to(self.device),
                                   None if lowres is None else lowres[part].to(self.device),
                                   None if lowres_t is None else lowres_t[part].to(self.device))
-            if not torch.isfinite(loss):
-                raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
-                                   f"(the last good checkpoint is kept in {self.ckpt_dir}); lower train.lr, "
-                                   "or use train.precision=fp32")
+            self.check_finite(loss)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
-        if cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimizer_step(self.objective.parameters())
         self.ema.update(self.objective, self.step)
         self.step += 1
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
         return float(total)
-
-    def run(self, should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
-        cfg = self.recipe.train
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
-        loss = math.nan
-        started, last_step = time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            loss = self.train_step()
-            now = time.perf_counter()
-            record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                      "it_per_s": (self.step - last_step) / max(now - started, 1e-9)}
-            if self.on_step is not None:
-                self.on_step(record)
-            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
-                self.preview()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-            if should_stop():
-                self.save_checkpoint()
-                return TrainResult(self.step, loss, self.out / "model.safetensors", interrupted=True)
-        return TrainResult(self.step, loss, self.out / "model.safetensors", interrupted=False)
 
     @torch.no_grad()
     def preview(self, count: int = 8) -> Path | None:
