@@ -112,10 +112,10 @@ def one_line_error(capsys) -> str:
 # -- the shapes world: tune, invert, edit ---------------------------------------------------------
 
 def test_tuned_edit_of_a_red_circle_turns_it_blue_along_the_same_path(shapes_model, tmp_path, capsys):
-    """tune-video, then edit with the CLI defaults (T = 20, guidance 7.5, fusion, adapter). This clip
-    meets the full criterion (blue in >= 80% of frames, x-path correlation >= 0.9; measured 1.00 and
-    0.94), but at this scale not every clip does (4 of 8 in `benchmarks/video_edit.py shapes`, all
-    8 above 0.5, all blue), so the path is asserted at >= 0.8, what this clip reaches with margin."""
+    """tune-video, then edit with the CLI defaults (T = 20, guidance 7.5, fusion, adapter): blue in
+    >= 80% of frames and x-path correlation >= 0.9. At this scale (300 training steps) not every clip
+    gets there: over 8 source clips all turned blue and 5 followed the path to >= 0.9 (min 0.76);
+    with a 1000-step model, 8 of 8 (`benchmarks/video_edit.py shapes`). This clip reaches 0.98."""
     video, centres = source_clip(tmp_path)
     assert main(["tune-video", str(video), "--model", str(shapes_model), "--steps", "20", "--lr", "1e-4",
                  "--stride", "1", "--out", str(tmp_path / "tune")]) == 0
@@ -132,7 +132,7 @@ def test_tuned_edit_of_a_red_circle_turns_it_blue_along_the_same_path(shapes_mod
     path_correlation = np.corrcoef(xs[found], centres[found, 0])[0, 1]
     print(f"shapes edit: blue in {blue:.0%} of frames, centroid correlation {path_correlation:.3f}, "
           f"text alignment {record['text_alignment']:.3f}")
-    assert blue >= 0.8 and found.sum() >= 6 and path_correlation >= 0.8
+    assert blue >= 0.8 and found.sum() >= 6 and path_correlation >= 0.9
 
 
 def test_inversion_round_trip_is_small_and_refine_repairs_trailing_spacing(shapes_model, tmp_path):
@@ -207,7 +207,7 @@ def test_inversion_file_keeps_trajectory_frames_and_attention_maps(tiny, tmp_pat
     model = VideoModel.load(tiny["a"])
     clip = read_source(source_clip(tmp_path)[0], 4, 2, 0, model.image_size)
     inversion = invert_video(model, clip, SRC, InversionParams(steps=5, attention=True))
-    assert inversion.timesteps == [1, 21, 41, 61, 81] and inversion.trajectory.shape == (5, 4, 3, 16, 16)
+    assert inversion.timesteps == [20, 40, 60, 80, 100] and inversion.trajectory.shape == (5, 4, 3, 16, 16)
     assert torch.equal(inversion.trajectory[0], torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float() / 127.5 - 1)
     assert {k.split(".", 1)[0] for k in inversion.attention} == {f"t{t:05d}" for t in inversion.timesteps}
     back = load_inversion(save_inversion(tmp_path / "inv.safetensors", inversion))

@@ -23,8 +23,9 @@ TUNED = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-vide
 FRAMES = typer.Option(None, "--frames", min=1, help="Frames to read (default: as tuned, else 8).")
 STRIDE = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default: as tuned, else 2).")
 START = typer.Option(None, "--start", min=0, help="First frame (default: as tuned, else 0).")
-SPACING = typer.Option(Spacing.leading, "--spacing", help="DDIM timestep spacing (leading: from t = 1).")
-REFINE = typer.Option(0, "--refine", min=0, help="Inversion fixed-point iterations per step.")
+SPACING = typer.Option(Spacing.trailing, "--spacing", help="DDIM timestep spacing (trailing: up to t = T).")
+REFINE = typer.Option(0, "--refine", min=0,
+                      help="Inversion fixed-point iterations per step (better reconstruction; keep 0 to edit).")
 ATTENTION_ON_CPU = typer.Option(False, "--attention-on-cpu", help="Keep stored attention maps in host memory.")
 
 DEFAULT_CLIP = {"frames": 8, "stride": 2, "start": 0}   # Tab. 8: 8 frames, sampling rate 2
