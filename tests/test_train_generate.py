@@ -190,3 +190,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_recipe, tmp_path):
     assert "--resume" in err
     ckpt = latest_checkpoint(tmp_path / "sig" / "checkpoints")
     assert ckpt is not None and 2 <= int(ckpt.stem.split("-")[1]) < 400
+
+
+def test_init_from_starts_a_run_from_a_bundles_weights(model_path, tiny_recipe):
+    trainer = Trainer(read_recipe(tiny_recipe("again"), [f"model.init_from={model_path}"]), torch.device("cpu"))
+    bundle = load_bundle(model_path, kind="t2i")
+    for name, value in trainer.objective.unet.state_dict().items():
+        assert torch.equal(value, bundle.tensors["unet"][name]), name
+    for name, value in trainer.ema.shadow.adapter.state_dict().items():
+        assert torch.equal(value, bundle.tensors["adapter"][name]), name
