@@ -2,11 +2,15 @@
 
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread, here and in the CLI subprocesses the tests start: results then do not depend on how
+# many cores the machine has, and two OpenMP threads on a busy 2-core machine run ~10x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_RECIPE = """
 output: {output}
