@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from ctxdiff.diffusion import diffusion_loss
@@ -58,14 +58,6 @@ train: {{steps: 1000, batch_size: {batch}, lr: 0.0001, warmup_steps: 0, sample_e
 """
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure(args, device: torch.device) -> list[list]:
@@ -87,7 +79,7 @@ def measure(args, device: torch.device) -> list[list]:
             train = "-"
             if branch != "none":
                 trainer.train_step()   # warm-up
-                train = statistics.median(_timed(trainer.train_step, device) for _ in range(args.reps))
+                train = statistics.median(timed(trainer.train_step, device) for _ in range(args.reps))
             torch.nn.init.normal_(trainer.adapter.head.weight, std=0.02)   # a trained adapter: r != 0
             pipe = LatentText2Image(trainer.models, trainer.adapter.eval(), source=str(sd),
                                     height=args.image_size, width=args.image_size)
@@ -95,7 +87,7 @@ def measure(args, device: torch.device) -> list[list]:
             prompts, seeds = ["a red circle above a blue square"] * args.batch, list(range(args.batch))
             pipe.sample_latents(prompts, seeds, SD_DEFAULTS.__class__(steps=1, adapter=branch != "none"))  # warm-up
             sample = statistics.median(
-                _timed(lambda: pipe.sample_latents(prompts, seeds, params), device) / args.sample_steps
+                timed(lambda: pipe.sample_latents(prompts, seeds, params), device) / args.sample_steps
                 for _ in range(args.reps))
             params_m = 0.0 if branch == "none" else sum(p.numel() for p in trainer.adapter.parameters()) / 1e6
             rows.append([branch, params_m, train, sample])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import timed
 from diffusers import UNet2DConditionModel
 
 from ctxdiff.models.latent import LatentUNet, LatentUNetConfig
@@ -22,14 +22,6 @@ from ctxdiff.models.latent import LatentUNet, LatentUNetConfig
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -71,7 +63,7 @@ def main() -> None:
                 run()
         for rep in range(args.reps):
             for name in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
-                times[name].append(_timed(runs[name], device))
+                times[name].append(timed(runs[name], device))
 
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     params = sum(p.numel() for p in ours.parameters())

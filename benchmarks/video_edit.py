@@ -27,11 +27,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import timed
 
 SRC, TGT = "a red circle moving to the right", "a blue circle moving to the right"
 SCENE = "a large {colour} circle moving to the {direction} on a gray background"
@@ -59,14 +59,6 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure_one(model: str, frames: int, adapter: bool, device: str, tune_steps: int, steps: int) -> dict:
@@ -89,12 +81,12 @@ def measure_one(model: str, frames: int, adapter: bool, device: str, tune_steps:
         tuner = VideoTuner(vmodel, video, SRC, TuneConfig(steps=1 + tune_steps, lr=1e-5, adapter=adapter,
                                                           checkpoint_every=10**6), run)
         tuner.train_step()  # warm-up
-        tune_s = _timed(lambda: [tuner.train_step() for _ in range(tune_steps)], dev) / tune_steps
+        tune_s = timed(lambda: [tuner.train_step() for _ in range(tune_steps)], dev) / tune_steps
     vmodel.unet.eval()
     params = InversionParams(steps=steps, adapter=adapter, attention=True)
     holder = {}
-    invert_s = _timed(lambda: holder.setdefault("inv", invert_video(vmodel, video, SRC, params)), dev)
-    edit_s = _timed(lambda: edit_video(vmodel, holder["inv"], TGT, EditParams(adapter=adapter)), dev)
+    invert_s = timed(lambda: holder.setdefault("inv", invert_video(vmodel, video, SRC, params)), dev)
+    edit_s = timed(lambda: edit_video(vmodel, holder["inv"], TGT, EditParams(adapter=adapter)), dev)
     stored_mb = sum(m.numel() * m.element_size() for m in holder["inv"].attention.values()) / 2**20
     record = {"frames": frames, "adapter": adapter, "tune_s_per_step": tune_s, "invert_s": invert_s,
               "edit_s": edit_s, "stored_attention_mb": stored_mb}

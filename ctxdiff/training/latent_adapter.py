@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
-                                 save_training_state, training_state_path)
+from ctxdiff.checkpoints import (latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state,
+                                 training_state_path)
 from ctxdiff.data.datasets import ShardStream, open_dataset
 from ctxdiff.data.png import grid, save_png, to_uint8
 from ctxdiff.diffusion import diffusion_loss
@@ -95,18 +95,10 @@ class LatentAdapterTrainer(TrainLoop):
             raise CtxdiffError(f"{path}: this checkpoint was trained with another model or backbone; resume with "
                                "the recipe that started the run")
         self.adapter.load_state_dict(state["adapter"])
-        self.ema.shadow.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.log(f"resumed from {path} at step {self.step}")
+        self.restore_loop_state(state, path)
 
     def save_checkpoint(self) -> Path:
-        state = {"adapter": self.adapter.state_dict(), "ema": self.ema.shadow.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "step": self.step, "rng": capture_rng_state(),
-                 "recipe": to_dict(self.recipe)}
+        state = {"adapter": self.adapter.state_dict(), **self.loop_state()}
         path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
         rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
         self.export()

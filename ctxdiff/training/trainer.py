@@ -211,6 +211,20 @@ class TrainLoop:
                                f"(the last good checkpoint is kept in {self.ckpt_dir}); lower train.lr, "
                                "or use train.precision=fp32")
 
+    def loop_state(self) -> dict:
+        """What every checkpoint holds besides the model: EMA, optimizer, LR schedule, scaler, step."""
+        return {"ema": self.ema.shadow.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "rng": capture_rng_state(), "recipe": to_dict(self.recipe)}
+
+    def restore_loop_state(self, state: dict, path: Path) -> None:
+        self.ema.shadow.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.log(f"resumed from {path} at step {self.step}")
+
     def optimizer_step(self, parameters) -> None:
         """Unscale, clip, step (AMP-aware), advance the LR schedule."""
         if self.recipe.train.grad_clip is not None:
@@ -282,12 +296,7 @@ class Trainer(TrainLoop):
             raise CtxdiffError(f"{path}: this checkpoint was trained with another model config; resume with the "
                                "recipe that started the run")
         self.objective.load_state_dict(state["model"])
-        self.ema.shadow.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.log(f"resumed from {path} at step {self.step}")
+        self.restore_loop_state(state, path)
 
     def _check_ranks_agree(self) -> None:
         """All ranks must hold the same weights (a cheap fingerprint, compared at every checkpoint)."""
@@ -301,10 +310,7 @@ class Trainer(TrainLoop):
         if self.world > 1:
             self._check_ranks_agree()
         if self.rank == 0:
-            state = {"model": self.objective.state_dict(), "ema": self.ema.shadow.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "step": self.step, "rng": capture_rng_state(),
-                     "recipe": to_dict(self.recipe)}
+            state = {"model": self.objective.state_dict(), **self.loop_state()}
             save_training_state(training_state_path(self.ckpt_dir, self.step), state)
             rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
             self.export()
