@@ -25,7 +25,7 @@ from ctxdiff.errors import CtxdiffError
 def to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [H, W, 3] -> float [3, size, size] in [-1, 1] (centre crop, bicubic, anti-aliased)."""
     fitted = fit_image(image, (size, size), "crop")
-    return torch.from_numpy(np.ascontiguousarray(fitted)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.array(fitted)).permute(2, 0, 1).float() / 127.5 - 1  # a writable copy
 
 
 class CaptionedImages(Dataset):
