@@ -25,8 +25,7 @@ import torch
 
 from ctxdiff.checkpoints import (latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state,
                                  training_state_path)
-from ctxdiff.data.datasets import ShardStream, open_dataset
-from ctxdiff.data.png import grid, save_png, to_uint8
+from ctxdiff.data.datasets import open_dataset
 from ctxdiff.diffusion import diffusion_loss
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import load_clip
@@ -158,18 +157,11 @@ class LatentAdapterTrainer(TrainLoop):
 
     def preview(self, count: int = 4) -> Path:
         """A grid of samples with the EMA adapter (DDIM, at most 20 steps) at the training resolution."""
-        prompts = list(self.recipe.preview_prompts) or self._dataset_captions(count)
+        prompts = self.preview_prompts(count)
         pipe = LatentText2Image(self.models, self.ema.shadow, SD_DEFAULTS, self.pipe.source, *self.pipe.size)
         params = replace(SamplingParams.from_sample_config(self.recipe.sample, SD_DEFAULTS.lowres_noise_level),
                          steps=min(20, self.recipe.sample.steps))
-        images = pipe.sample(prompts, list(range(len(prompts))), params)
-        path = self.out / "samples" / f"step-{self.step:08d}.png"
-        return save_png(path, grid(to_uint8(images)), {"step": self.step, "prompts": prompts})
-
-    def _dataset_captions(self, count: int) -> list[str]:
-        if isinstance(self.dataset, ShardStream):
-            return ["" for _ in range(count)]
-        return [self.dataset[i][1] for i in range(min(count, len(self.dataset)))]
+        return self.write_preview(pipe.sample(prompts, list(range(len(prompts))), params), prompts)
 
 
 def _check_recipe(recipe: Recipe) -> None:

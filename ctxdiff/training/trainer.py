@@ -225,6 +225,19 @@ class TrainLoop:
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
 
+    def preview_prompts(self, count: int) -> list[str]:
+        """The recipe's preview prompts, else the first captions of the dataset."""
+        if self.recipe.preview_prompts:
+            return list(self.recipe.preview_prompts)
+        if isinstance(self.dataset, ShardStream):
+            return ["" for _ in range(count)]
+        return [self.dataset[i][1] for i in range(min(count, len(self.dataset)))]
+
+    def write_preview(self, images: torch.Tensor, prompts: list[str]) -> Path:
+        """<output>/samples/step-NNNNNNNN.png: the grid of a preview."""
+        path = self.out / "samples" / f"step-{self.step:08d}.png"
+        return save_png(path, grid(to_uint8(images)), {"step": self.step, "prompts": prompts})
+
     def optimizer_step(self, parameters) -> None:
         """Unscale, clip, step (AMP-aware), advance the LR schedule."""
         if self.recipe.train.grad_clip is not None:
@@ -397,7 +410,7 @@ class Trainer(TrainLoop):
         """A grid of EMA samples (DDIM, 20 steps) so a user sees early whether training works."""
         if self.rank != 0:
             return None
-        prompts = list(self.recipe.preview_prompts) or self._dataset_captions(count)
+        prompts = self.preview_prompts(count)
         if self.stage == "sr":
             pipe = self._base_pipeline()
             pipe.sr = self.ema_stage()
@@ -406,11 +419,4 @@ class Trainer(TrainLoop):
                               SamplingParams(), "preview")
         params = replace(SamplingParams.from_sample_config(self.recipe.sample, self.recipe.train.lowres_noise_level),
                          steps=min(20, self.recipe.sample.steps), sr_steps=min(20, self.recipe.sample.sr_steps))
-        images = pipe.sample(prompts, list(range(len(prompts))), params)
-        path = self.out / "samples" / f"step-{self.step:08d}.png"
-        return save_png(path, grid(to_uint8(images)), {"step": self.step, "prompts": prompts})
-
-    def _dataset_captions(self, count: int) -> list[str]:
-        if isinstance(self.dataset, ShardStream):
-            return ["" for _ in range(count)]
-        return [self.dataset[i][1] for i in range(min(count, len(self.dataset)))]
+        return self.write_preview(pipe.sample(prompts, list(range(len(prompts))), params), prompts)
