@@ -10,7 +10,7 @@ from ctxdiff.diffusion import (
     make_schedule, q_posterior, q_sample, q_transition, sample_ddim, sample_ddpm, timesteps_for,
     variational_bound,
 )
-from ctxdiff.diffusion.process import ddim_sigma
+from ctxdiff.diffusion.process import ddim_sigma, x0_from_output
 from ctxdiff.models.conditioning import TextCondition
 
 T = 50
@@ -319,3 +319,31 @@ def test_one_stacked_adapter_call_equals_two_separate_calls():
     mean, _ = q_posterior(sched, x_t, x0_hat, 30, adapter, cond)
     mean_separate, _ = q_posterior(sched, x_t, x0_hat, 30, lambda x, c, t: adapter(x, cond, t), None)
     assert torch.allclose(mean, mean_separate, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_every_parameterisation_inverts_eq1_for_its_effective_target(sched, prediction_type):
+    """With x_t from Eq. 1 (bias included), the network output that equals its target (x0; the
+    effective noise eps' = (x_t - sqrt(abar) x0)/sqrt(1 - abar); v' = sqrt(abar) eps' - sqrt(1 - abar) x0)
+    gives back x0 exactly at every step."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(T, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(T, 3, 4, 4, generator=g,
+                                                                                 dtype=torch.float64)
+    t = torch.arange(1, T + 1)
+    x_t = q_sample(sched, x0, t, linear_adapter, None, eps)
+    abar = sched.alpha_bar[t].view(-1, 1, 1, 1)
+    eff = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    target = {"sample": x0, "epsilon": eff, "v_prediction": abar.sqrt() * eff - (1 - abar).sqrt() * x0}
+    torch.testing.assert_close(x0_from_output(prediction_type, target[prediction_type], x_t, abar), x0,
+                               atol=1e-9 if prediction_type != "epsilon" else 1e-6, rtol=0)
+    assert not torch.allclose(eff, eps)   # the bias is in the target: eps' != eps
+
+
+def test_v_parameterisation_is_the_identity_on_x_t_near_data_and_direct_x0_at_t_max():
+    sched = make_schedule("cosine", 1000)
+    x_t, out = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    abar = sched.alpha_bar[torch.tensor([1, 1000])].view(-1, 1, 1, 1)
+    x0 = x0_from_output("v_prediction", out, x_t, abar)
+    assert (x0[0] - x_t[0]).abs().max() < 0.02 and (x0[1] + out[1]).abs().max() < 0.02
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        x0_from_output("x1", out, x_t, abar)

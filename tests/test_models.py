@@ -190,3 +190,21 @@ def test_unet_presets_have_their_intended_size(name, low, high):
 def test_adapter_presets_have_their_intended_size(name, low, high):
     encoder = (lambda x: x) if ADAPTER_PRESETS[name].image_branch == "clip" else None
     assert low <= count(lambda: build_adapter(name, encoder)) <= high
+
+
+def test_a_v_prediction_unet_returns_x0_read_from_its_output_under_its_schedule():
+    from ctxdiff.diffusion import make_schedule
+    from ctxdiff.diffusion.process import x0_from_output
+
+    config = dataclasses.replace(UNET_PRESETS["tiny"], image_size=16, timesteps=100)
+    raw = perturbed(UNet(config))
+    v_net = UNet(dataclasses.replace(config, prediction_type="v_prediction", schedule="cosine")).eval()
+    v_net.load_state_dict(raw.state_dict())
+    x, cond, t = torch.randn(3, 3, 16, 16), text(3), torch.tensor([1, 50, 100])
+    abar = make_schedule("cosine", 100).alpha_bar[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(v_net(x, t, cond), x0_from_output("v_prediction", raw(x, t, cond), x, abar))
+    with pytest.raises(ValueError, match="needs the noise schedule"):
+        UNet(dataclasses.replace(config, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        UNetConfig(prediction_type="x1")

@@ -199,3 +199,18 @@ def test_init_from_starts_a_run_from_a_bundles_weights(model_path, tiny_recipe):
         assert torch.equal(value, bundle.tensors["unet"][name]), name
     for name, value in trainer.ema.shadow.adapter.state_dict().items():
         assert torch.equal(value, bundle.tensors["adapter"][name]), name
+
+
+def test_a_v_prediction_recipe_trains_and_generates_with_the_recipe_schedule(tiny_recipe, tmp_path, capsys):
+    v = ["model.unet.prediction_type=v_prediction", "diffusion.loss_weighting=min_snr"]
+    trained(tiny_recipe(), v)
+    bundle = load_bundle(tmp_path / "run" / "model.safetensors")
+    assert bundle.configs["unet"]["prediction_type"] == "v_prediction" and bundle.configs["unet"]["schedule"] == "cosine"
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "run" / "model.safetensors"), "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    capsys.readouterr()
+    assert main(["train", "--recipe", tiny_recipe("bad"), *[a for o in v for a in ("--set", o)],
+                 "--set", "model.unet.schedule=linear"]) != 0
+    err = capsys.readouterr().err
+    assert "make them agree" in err and "Traceback" not in err

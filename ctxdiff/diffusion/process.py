@@ -17,6 +17,35 @@ from ctxdiff.diffusion.schedule import Schedule
 Adapter = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 
 
+PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
+
+
+def x0_from_output(prediction_type: str, out: torch.Tensor, x_t: torch.Tensor,
+                   alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = f_theta(x_t, c, t) of Eq. 6 from a network output `out` under a parameterisation.
+
+        sample:        x0_hat = out
+        epsilon:       x0_hat = (x_t - sqrt(1 - abar_t) out) / sqrt(abar_t)
+        v_prediction:  x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) out   (Salimans & Ho 2022)
+
+    Under Eq. 1 the network sees x_t with the bias k_t r_t in it, so its epsilon/v target is the
+    *effective* noise eps' = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (v: sqrt(abar_t) eps' -
+    sqrt(1 - abar_t) x0); each formula inverts Eq. 1 exactly for that target, so Eq. 6's loss and
+    every sampler stay in x0 terms. v_prediction is the identity on x_t at t -> 0 and a direct x0
+    prediction at t -> T: its target has unit scale at every step. `alpha_bar_t` broadcasts
+    against x_t; the arithmetic runs in x_t's dtype.
+    """
+    if prediction_type == "sample":
+        return out
+    a, s = (c.to(device=x_t.device, dtype=x_t.dtype) for c in (alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()))
+    out = out.to(x_t.dtype)
+    if prediction_type == "epsilon":
+        return (x_t - s * out) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - s * out
+    raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+
+
 def _as_batch(t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(t, int):
         return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)

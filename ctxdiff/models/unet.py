@@ -15,12 +15,15 @@ output; training then learns the corrections.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ctxdiff.diffusion.process import PREDICTION_TYPES, x0_from_output
+from ctxdiff.diffusion.schedule import make_schedule
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.layers import (Downsample, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample,
                                    batch_timesteps, group_norm)
@@ -37,6 +40,9 @@ class UNetConfig:
     net: it concatenates the upsampled low-resolution image to x_t and embeds its
     noise-augmentation level. `heads` is the head count at every attention site unless
     `head_dim` > 0, which fixes the head width instead (heads = channels // head_dim).
+    `prediction_type` is what the last conv outputs (`x0_from_output`); the net always returns
+    x0_hat. Every type but `sample` reads its output under the noise schedule `schedule` (with
+    `timesteps` steps), which `ctxdiff train` sets from the recipe's `diffusion.schedule`.
     """
 
     image_size: int = 64
@@ -56,6 +62,9 @@ class UNetConfig:
     efficient: bool = False
     scale_skip: bool = False
     gradient_checkpointing: bool = False
+    prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
+    schedule: Literal["linear", "scaled_linear", "cosine"] | None = None
+
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -81,6 +90,9 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for level in sorted(set(self.attention_levels) | {levels - 1}):
             self.attention_heads(self.base_channels * self.channel_mults[level])
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
 
     @property
     def downsample_factor(self) -> int:
@@ -137,6 +149,11 @@ class UNet(nn.Module):
                                           nn.Linear(emb_dim, emb_dim))
         self.lowres_embed = TimestepEmbedding(emb_dim, scale=1000.0) if c.lowres_cond else None
         self.skip_scale = 2 ** -0.5 if c.scale_skip else 1.0
+        if c.prediction_type != "sample" and c.schedule is None:
+            raise ValueError(f"prediction_type {c.prediction_type!r} needs the noise schedule (schedule) to read "
+                             "the output")
+        # float64 on the CPU on purpose: not a buffer, so .half() cannot round it
+        self.alpha_bar = None if c.prediction_type == "sample" else make_schedule(c.schedule, c.timesteps).alpha_bar
 
         stem_in = 2 * c.in_channels if c.lowres_cond else c.in_channels
         self.conv_in = nn.Conv2d(stem_in, c.base_channels, 3, padding=1)
@@ -197,14 +214,16 @@ class UNet(nn.Module):
         """
         self._check_inputs(x_t, lowres)
         batch = x_t.shape[0]
-        emb = self.time_embed(batch_timesteps(t, batch, x_t.device)) + self.pooled_embed(cond.pooled)
+        t = batch_timesteps(t, batch, x_t.device)
+        emb = self.time_embed(t) + self.pooled_embed(cond.pooled)
+        h = x_t
         if self.lowres_embed is not None:
             level = 0.0 if lowres_t is None else lowres_t
             emb = emb + self.lowres_embed(batch_timesteps(level, batch, x_t.device))
-            x_t = torch.cat([x_t, lowres], dim=1)
+            h = torch.cat([x_t, lowres], dim=1)
         context, mask = cond.tokens, cond.mask
 
-        h = stem = self.conv_in(x_t)
+        h = stem = self.conv_in(h)
         skips = []
         for level in self.down:
             h = level.pre(h)
@@ -221,7 +240,11 @@ class UNet(nn.Module):
             h = level.post(h)
         if self.final is not None:
             h = self._run(self.final, torch.cat([h, stem * self.skip_scale], dim=1), emb, context, mask)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.alpha_bar is None:
+            return out
+        alpha_bar_t = self.alpha_bar[t.cpu().long()].view(-1, 1, 1, 1)
+        return x0_from_output(self.config.prediction_type, out, x_t, alpha_bar_t)
 
 
 _SHAPES_TEXT = dict(text_dim=128, pooled_dim=128)   # the bundled small CLIP trained on the shapes world

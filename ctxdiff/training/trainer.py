@@ -34,7 +34,7 @@ from ctxdiff.data.png import grid, save_png, to_uint8
 from ctxdiff.diffusion import diffusion_loss, make_schedule
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import load_clip
-from ctxdiff.models.unet import UNet
+from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
 from ctxdiff.pipelines.text2image import SamplingParams, Stage, Text2Image, build_adapter, save_t2i_bundle
 from ctxdiff.recipes import dump_recipe, to_dict
@@ -80,6 +80,21 @@ class DenoisingObjective(nn.Module):
 
         return diffusion_loss(self.sched, x0_fn, x0, cond, self.adapter, t=t, noise=noise,
                               weighting=self.weighting, gamma=self.gamma)
+
+
+def _unet_config(recipe: Recipe) -> UNetConfig:
+    """The recipe's U-Net config with the run's gradient checkpointing and, for epsilon/v outputs,
+    the noise schedule its output is read under (`diffusion.schedule`: they must agree)."""
+    config, d = recipe.model.unet, recipe.diffusion
+    if recipe.train.gradient_checkpointing:
+        config = replace(config, gradient_checkpointing=True)
+    if config.prediction_type == "sample":
+        return config
+    if config.schedule not in (None, d.schedule) or config.timesteps != d.timesteps:
+        raise UsageError(f"model.unet reads its {config.prediction_type} output under schedule "
+                         f"{config.schedule!r} with {config.timesteps} steps, but diffusion is {d.schedule!r} with "
+                         f"{d.timesteps}; make them agree (or leave model.unet.schedule unset)")
+    return replace(config, schedule=d.schedule)
 
 
 class _StepBatches:
@@ -268,9 +283,7 @@ class Trainer(TrainLoop):
 
         torch.manual_seed(cfg.seed)  # a CLIP without weights (tests) is random: make it the same on resume
         self.clip = load_clip(recipe.model.clip, self.device)
-        unet_cfg = recipe.model.unet
-        if cfg.gradient_checkpointing and not unet_cfg.gradient_checkpointing:
-            unet_cfg = replace(unet_cfg, gradient_checkpointing=True)
+        unet_cfg = _unet_config(recipe)
         unet = UNet(unet_cfg)
         adapter = build_adapter(recipe.model.adapter, self.clip) if recipe.model.adapter is not None else None
         if recipe.model.init_from:

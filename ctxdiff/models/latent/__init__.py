@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ctxdiff.diffusion.process import x0_from_output
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.latent.loader import (
     PREDICTION_TYPES, LatentModels, LatentSDConfig, SchedulerInfo, load_sd, save_compvis,
@@ -65,12 +66,11 @@ class EpsToX0(nn.Module):
         if bool(((t < 1) | (t >= self.abar.shape[0])).any()):
             raise ValueError(f"paper steps must lie in 1..{self.abar.shape[0] - 1}, got {t.tolist()}")
         abar = self.abar[t].view(-1, *[1] * (x_t.ndim - 1))
-        a, s = (c.to(device=x_t.device, dtype=x_t.dtype) for c in (abar.sqrt(), (1 - abar).sqrt()))
         context = cond.tokens if isinstance(cond, TextCondition) else cond
         weight = next(self.unet.parameters(), None) if isinstance(self.unet, nn.Module) else None
         dtype = x_t.dtype if weight is None else weight.dtype
-        out = self.unet(x_t.to(dtype), (t - 1).to(x_t.device), context.to(dtype)).to(x_t.dtype)
-        return (x_t - s * out) / a if self.prediction_type == "epsilon" else a * x_t - s * out
+        out = self.unet(x_t.to(dtype), (t - 1).to(x_t.device), context.to(dtype))
+        return x0_from_output(self.prediction_type, out, x_t, abar)
 
 
 def as_x0_predictor(unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str) -> EpsToX0:
