@@ -16,8 +16,9 @@ complete -c ctxdiff -n '__fish_use_subcommand' -a tune-video -d 'One-shot tuning
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -F
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l tgt -s t -r -F -d 'Target prompt: what the edited video should show.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l src -s s -r -F -d 'Source prompt (default: the inversions or tuned files).'
-complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l model -s m -r -F -d 'Base t2i bundle (default: the tuned files base, else the bundled model).'
+complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l model -s m -r -F -d 'Base model: a t2i bundle or a Stable Diffusion checkpoint (default: the tuned files base, else the bundled model).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l tuned -r -F -d 'A tuned file from `ctxdiff tune-video`.'
+complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l adapter -r -F -d 'A latent adapter file for a Stable Diffusion --model.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l inversion -r -F -d 'Reuse an inversion from `ctxdiff invert`.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l out -s o -r -F -d 'Edited video: .mp4, .webm, .gif or a folder (default: edits/<name>-<target>.mp4).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l side-by-side -d 'Write source and edit next to each other.'
@@ -83,8 +84,9 @@ complete -c ctxdiff -n '__fish_seen_subcommand_from generate' -l force -d 'Write
 complete -c ctxdiff -n '__fish_seen_subcommand_from generate' -l help -s h -d 'Show help and exit.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -F
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l prompt -s p -r -F -d 'Source prompt (default: the tuned files, or the video sidecars).'
-complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l model -s m -r -F -d 'Base t2i bundle (default: the tuned files base, else the bundled model).'
+complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l model -s m -r -F -d 'Base model: a t2i bundle or a Stable Diffusion checkpoint (default: the tuned files base, else the bundled model).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l tuned -r -F -d 'A tuned file from `ctxdiff tune-video`.'
+complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l adapter -r -F -d 'A latent adapter file for a Stable Diffusion --model.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l out -s o -r -F -d 'Inversion file (default: <source name>.inversion.safetensors).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l steps -r -F -d 'DDIM steps (paper: T = 20).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l frames -r -F -d 'Frames to read (default: as tuned, else 8).'
@@ -114,7 +116,8 @@ complete -c ctxdiff -n '__fish_seen_subcommand_from train' -l print-recipe -d 'P
 complete -c ctxdiff -n '__fish_seen_subcommand_from train' -l help -s h -d 'Show help and exit.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -F
 complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l prompt -s p -r -F -d 'Source prompt (default: the video sidecars prompt).'
-complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l model -s m -r -F -d 'Base t2i bundle (default: the bundled shapes model).'
+complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l model -s m -r -F -d 'Base model: a t2i bundle (default: the bundled shapes model) or a Stable Diffusion checkpoint.'
+complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l adapter -r -F -d 'A latent adapter file for a Stable Diffusion --model.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l out -s o -r -F -d 'Run folder (default: runs/tune-<video name>).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l recipe -s r -r -F -d 'YAML of tuning settings (see recipes/video-tune.yaml).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from tune-video' -l set -r -F -d 'Override a setting: --set lr=3e-5 (repeatable).'

@@ -19,10 +19,7 @@ from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.adapter import AdapterConfig
 from ctxdiff.models.encoders import ClipConfig, load_clip
-from ctxdiff.models.latent import (
-    LatentModels, LatentSDConfig, LatentTextConfig, LatentTextEncoder, LatentUNet, LatentUNetConfig, LatentVAE,
-    LatentVAEConfig, SchedulerInfo, load_sd, save_compvis,
-)
+from ctxdiff.models.latent import LatentModels, LatentSDConfig, SchedulerInfo, load_sd, save_compvis
 from ctxdiff.models.latent.fingerprint import fingerprint
 from ctxdiff.pipelines.latent import (
     SD_DEFAULTS, DecodedClipTokens, LatentAdapterFile, LatentText2Image, build_latent_adapter, is_sd_model,
@@ -33,13 +30,8 @@ from ctxdiff.recipes import SampleConfig
 from ctxdiff.training import latent_adapter
 from ctxdiff.training.latent_adapter import LatentAdapterTrainer
 from ctxdiff.training.recipe import read_recipe
+from tiny_sd import TINY_SD, tiny_sd_models
 
-# U-Net latents 8x8 -> 16x16 images (the VAE halves once); text width 64 = the adapter's text_dim.
-TINY = LatentSDConfig(
-    LatentUNetConfig(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(True, False),
-                     num_attention_heads=8, cross_attention_dim=64, sample_size=8),
-    LatentVAEConfig(block_out_channels=(32, 32), layers_per_block=1),
-    LatentTextConfig(width=64, layers=2, heads=1, intermediate_size=128))
 ADAPTER = AdapterConfig(x_shape=(4, 8, 8), patch_size=4, width=32, heads=2, blocks=1, text_dim=64)
 PROMPTS = ["a red square", "a blue circle on the left"]
 
@@ -58,20 +50,14 @@ sample: {{steps: 3, guidance: 7.5}}
 """
 
 
-def _tiny_models(seed: int, config: LatentSDConfig = TINY, prediction_type: str = "epsilon") -> LatentModels:
-    torch.manual_seed(seed)
-    return LatentModels(LatentUNet(config.unet).eval(), LatentVAE(config.vae).eval(),
-                        LatentTextEncoder(config.text).eval(), config, prediction_type, SchedulerInfo())
-
-
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory):
-    return save_compvis(tmp_path_factory.mktemp("sd") / "tiny-sd.safetensors", _tiny_models(0))
+    return save_compvis(tmp_path_factory.mktemp("sd") / "tiny-sd.safetensors", tiny_sd_models(0))
 
 
 @pytest.fixture(scope="module")
 def other_sd_path(tmp_path_factory):
-    return save_compvis(tmp_path_factory.mktemp("sd") / "other-sd.safetensors", _tiny_models(1))
+    return save_compvis(tmp_path_factory.mktemp("sd") / "other-sd.safetensors", tiny_sd_models(1))
 
 
 @pytest.fixture
@@ -111,7 +97,7 @@ def test_schedule_from_alpha_bar_reproduces_the_sd_schedule():
 
 def test_adapter_learns_through_the_frozen_unet_input():
     """The chosen math: the U-Net sees z_t, bias included, so Eq. 6 has a gradient for r_phi only."""
-    models = _tiny_models(0)
+    models = tiny_sd_models(0)
     models.unet.requires_grad_(False)
     pipe = LatentText2Image(models, None)
     adapter = _live_adapter(models).train()
@@ -126,7 +112,7 @@ def test_adapter_learns_through_the_frozen_unet_input():
 
 def test_a_debiased_unet_input_would_leave_the_adapter_without_gradient():
     """The rejected alternative: showing the U-Net z_t - k_t r_t(z_0) cancels phi exactly (dL/dphi = 0)."""
-    models = _tiny_models(0)
+    models = tiny_sd_models(0)
     pipe = LatentText2Image(models, None)
     adapter = _live_adapter(models).train()
     g = torch.Generator().manual_seed(0)
@@ -144,7 +130,7 @@ def test_no_adapter_sampling_is_plain_ddim_of_the_backbone(prediction_type):
     """--no-adapter (r = 0, same code path) equals diffusers' DDIMScheduler with classifier-free guidance on
     the U-Net output, step for step (trailing spacing, final alpha 1)."""
     diffusers = pytest.importorskip("diffusers")
-    models = _tiny_models(0, prediction_type=prediction_type)
+    models = tiny_sd_models(0, prediction_type=prediction_type)
     pipe = LatentText2Image(models, _live_adapter(models))
     params = SD_DEFAULTS.__class__(steps=5, guidance=7.5, adapter=False)
     ours = pipe.sample_latents(PROMPTS, [3, 4], params)
@@ -167,7 +153,7 @@ def test_no_adapter_sampling_is_plain_ddim_of_the_backbone(prediction_type):
 
 def test_a_fresh_adapter_samples_exactly_plain_sd_and_a_trained_one_does_not():
     """The zero-initialised head gives r = 0: a new adapter leaves a pretrained backbone undisturbed."""
-    models = _tiny_models(0)
+    models = tiny_sd_models(0)
     params = SD_DEFAULTS.__class__(steps=4, guidance=7.5)
     plain = LatentText2Image(models, None).sample_latents(PROMPTS, [1, 2], params)
     fresh = LatentText2Image(models, build_latent_adapter(ADAPTER, models.vae, None))
@@ -177,7 +163,7 @@ def test_a_fresh_adapter_samples_exactly_plain_sd_and_a_trained_one_does_not():
 
 
 def test_clip_branch_tokens_come_from_the_decoded_image_and_equal_halves_decode_once():
-    models = _tiny_models(0)
+    models = tiny_sd_models(0)
     clip = load_clip(ClipConfig(arch="tiny-clip"))
     decoded = []
     original = models.vae.decode
@@ -225,9 +211,9 @@ def test_adapter_for_another_backbone_is_refused(tmp_path, sd_path, other_sd_pat
     with pytest.raises(CtxdiffError, match="trained on another Stable Diffusion backbone") as info:
         LatentText2Image.from_checkpoint(other_sd_path, path)
     assert "other weights" in str(info.value) and "\n" not in str(info.value)
-    wider = LatentSDConfig(TINY.unet.__class__(**{**TINY.unet.__dict__, "block_out_channels": (32, 32)}),
-                           TINY.vae, TINY.text)
-    wider_path = save_compvis(tmp_path / "wider.safetensors", _tiny_models(0, wider))
+    wider = LatentSDConfig(TINY_SD.unet.__class__(**{**TINY_SD.unet.__dict__, "block_out_channels": (32, 32)}),
+                           TINY_SD.vae, TINY_SD.text)
+    wider_path = save_compvis(tmp_path / "wider.safetensors", tiny_sd_models(0, wider))
     with pytest.raises(CtxdiffError, match="other architecture"):
         LatentText2Image.from_checkpoint(wider_path, path)
 

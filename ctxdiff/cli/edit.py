@@ -12,7 +12,7 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.generate import safe_stem
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
+from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
                                       clip_settings, refuse_existing, source_prompt)
 from ctxdiff.errors import UsageError
 
@@ -29,6 +29,7 @@ def edit(
     src: str = typer.Option(None, "--src", "-s", help="Source prompt (default: the inversion's or tuned file's)."),
     model: Path = MODEL,
     tuned: Path = TUNED,
+    adapter: Path = ADAPTER,
     inversion_file: Path = typer.Option(None, "--inversion", help="Reuse an inversion from `ctxdiff invert`."),
     out: Path = typer.Option(None, "--out", "-o", help="Edited video: .mp4, .webm, .gif or a folder "
                                                        "(default: edits/<name>-<target>.mp4)."),
@@ -57,11 +58,11 @@ def edit(
     from ctxdiff.data.video import side_by_side, write_video
     from ctxdiff.pipelines.video_edit import (EditParams, InversionParams, check_inversion, edit_scores, edit_video,
                                               invert_video, load_inversion, read_source)
-    from ctxdiff.pipelines.video_model import VideoModel
+    from ctxdiff.pipelines.video_model import load_video_model
 
     path = out or Path("edits") / f"{video.stem or video.name}-{safe_stem(tgt)}.mp4"
     refuse_existing(path, force)
-    vmodel = VideoModel.load(model, tuned, pick_device())
+    vmodel = load_video_model(model, tuned, pick_device(), adapter)
     if no_adapter and vmodel.adapter is None:
         warn("this model has no adapter; --no-adapter changes nothing")
     params = EditParams(guidance, self_replace, cross_replace, cross_mode.value, blend_threshold, not no_fusion,

@@ -9,7 +9,7 @@ import typer
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
+from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
                                       clip_settings, refuse_existing, source_prompt)
 
 
@@ -20,6 +20,7 @@ def invert(
                                help="Source prompt (default: the tuned file's, or the video sidecar's)."),
     model: Path = MODEL,
     tuned: Path = TUNED,
+    adapter: Path = ADAPTER,
     out: Path = typer.Option(None, "--out", "-o",
                              help="Inversion file (default: <source name>.inversion.safetensors)."),
     steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps (paper: T = 20)."),
@@ -37,11 +38,11 @@ def invert(
 ) -> None:
     """Invert a video (or image) with context-aware DDIM and print the reconstruction error."""
     from ctxdiff.pipelines.video_edit import InversionParams, invert_video, read_source, reconstruct, save_inversion
-    from ctxdiff.pipelines.video_model import VideoModel
+    from ctxdiff.pipelines.video_model import load_video_model
 
     path = out or Path(f"{source.stem or source.name}.inversion.safetensors")
     refuse_existing(path, force)
-    vmodel = VideoModel.load(model, tuned, pick_device())
+    vmodel = load_video_model(model, tuned, pick_device(), adapter)
     text = source_prompt(prompt, source, (vmodel.tuned_on or {}).get("prompt"))
     if no_adapter and vmodel.adapter is None:
         warn("this model has no adapter; --no-adapter changes nothing")

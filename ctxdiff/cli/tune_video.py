@@ -9,14 +9,16 @@ import typer
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import graceful_interrupt, pick_device
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import source_prompt
+from ctxdiff.cli.video_common import ADAPTER, source_prompt
 
 
 @app.command("tune-video")
 def tune_video(
     video: Path = typer.Argument(..., help="Source video: mp4/webm/gif/mov, or a folder of frames."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Source prompt (default: the video sidecar's 'prompt')."),
-    model: Path = typer.Option(None, "--model", "-m", help="Base t2i bundle (default: the bundled shapes model)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Base model: a t2i bundle (default: the bundled shapes "
+                                                         "model) or a Stable Diffusion checkpoint."),
+    adapter: Path = ADAPTER,
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/tune-<video name>)."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML of tuning settings (see recipes/video-tune.yaml)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a setting: --set lr=3e-5 (repeatable)."),
@@ -32,18 +34,18 @@ def tune_video(
 ) -> None:
     """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8)."""
     from ctxdiff.pipelines.video_edit import read_source
-    from ctxdiff.pipelines.video_model import VideoModel
+    from ctxdiff.pipelines.video_model import load_video_model
     from ctxdiff.training.tune_video import VideoTuner, load_tune_config
 
     config = load_tune_config(recipe, set_ or [], steps=steps, frames=frames, stride=stride, start=start, lr=lr,
                               seed=seed, adapter=False if no_adapter else None)
     text = source_prompt(prompt, video)
-    vmodel = VideoModel.load(model, None, pick_device(), window=config.window)
-    if config.adapter and vmodel.adapter is None:
-        warn("the base model has no adapter; tuning without one")
+    vmodel = load_video_model(model, None, pick_device(), adapter, window=config.window)
     clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size)
     run = out or Path("runs") / f"tune-{video.stem or video.name}"
     tuner = VideoTuner(vmodel, clip, text, config, run, resume=resume, log=info)
+    if config.adapter and vmodel.adapter is None:
+        warn("the base model has no adapter; tuning without one")
     with progress_bar("tune-video", config.steps, ("loss",)) as bar:
         bar.advance(tuner.step)
         with graceful_interrupt() as stop:

@@ -18,7 +18,9 @@ class Spacing(str, Enum):
 
 # Options `invert` and `edit` share.
 MODEL = typer.Option(None, "--model", "-m",
-                     help="Base t2i bundle (default: the tuned file's base, else the bundled model).")
+                     help="Base model: a t2i bundle or a Stable Diffusion checkpoint (default: the tuned file's "
+                          "base, else the bundled model).")
+ADAPTER = typer.Option(None, "--adapter", help="A latent adapter file for a Stable Diffusion --model.")
 TUNED = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-video`.")
 FRAMES = typer.Option(None, "--frames", min=1, help="Frames to read (default: as tuned, else 8).")
 STRIDE = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default: as tuned, else 2).")

@@ -1,8 +1,10 @@
-"""Inflate a pixel U-Net into a video U-Net (Tune-A-Video, Wu et al. 2022; ContextDiff Sec. 4.2).
+"""Inflate a U-Net into a video U-Net (Tune-A-Video, Wu et al. 2022; ContextDiff Sec. 4.2): the
+pixel `UNet` and the Stable Diffusion `LatentUNet` alike.
 
 Frames are folded into the batch: the video U-Net takes x_t as [B*F, C, H, W] (F frames of B
 videos, frame-major within each video) with a per-frame text condition, so the U-Net's convs,
-ResBlocks and cross-attention run per frame unchanged. Each SpatialTransformer is inflated:
+ResBlocks and cross-attention run per frame unchanged. Each transformer block (a pixel
+`SpatialTransformer`, an SD `BasicTransformerBlock`) is inflated:
 
 - spatial self-attention becomes sparse-causal: the queries of frame f attend to the keys and
   values of frame 0 and frame f-1 (frame 0 attends to itself twice);
@@ -15,7 +17,8 @@ the new layers at their zero initialisation: frame 0 of any video, and every fra
 video, equals the 2D U-Net's output on that frame (keys [frame 0, frame 0] give the same
 softmax average as keys [frame 0]).
 
-Attention sites are named by their module path in the U-Net (e.g. `down.1.units.0.attn`); an
+Attention sites are named by their module path in the U-Net (e.g. `down.1.units.0.attn`,
+`down_blocks.1.attentions.0.transformer_blocks.0`); an
 optional controller (`AttentionControl`) sees and may replace the attention probabilities of every
 site, which is how FateZero-style attention storing and fusion plug in.
 """
@@ -30,14 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
 from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.models.latent.unet import Attention as LatentAttention
+from ctxdiff.models.latent.unet import BasicTransformerBlock, LatentUNet, chunked_attention
 from ctxdiff.models.layers import Attention, SpatialTransformer, TransformerBlock
 from ctxdiff.models.temporal import TemporalAttention, fixed_init
 from ctxdiff.models.unet import UNet
 
 # Parameters one-shot tuning trains (Tune-A-Video): the query projections of spatial self- and
-# cross-attention, and the temporal layers.
-TUNABLE_MARKERS = (".self_attn.to_q.", ".cross_attn.to_q.", ".temporal.")
+# cross-attention (pixel and SD names), and the temporal layers.
+TUNABLE_MARKERS = (".self_attn.to_q.", ".cross_attn.to_q.", ".attn1.to_q.", ".attn2.to_q.", ".temporal.")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,29 @@ class VideoState:
     def __init__(self) -> None:
         self.frames = 1
         self.control: AttentionControl | None = None
+        self.checkpoint = False   # recompute each SD transformer block in the backward pass
+
+
+def sparse_causal_keys(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The tokens frame f's queries attend to: those of frame 0 and frame f-1, [B*F, 2N, C]."""
+    video = x.view(x.shape[0] // frames, frames, *x.shape[1:])
+    previous = video[:, [0, *range(frames - 1)]]
+    return torch.cat([video[:, :1].expand_as(video), previous], dim=2).flatten(0, 1)
+
+
+def attend(state: VideoState, site: str, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           attn_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Attention over [B, heads, N, d] through the state's controller when it wants this site (explicit
+    probabilities it may replace), else fused SDPA (`chunk` queries at a time)."""
+    control = state.control
+    if control is None or not control.wants(site, kind, q.shape[2]):
+        if attn_mask is None:
+            return chunked_attention(q, k, v, chunk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return control(site, kind, scores.softmax(dim=-1)) @ v
 
 
 class _ControlledAttention(Attention):
@@ -86,14 +116,7 @@ class _ControlledAttention(Attention):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (self._split_heads(x) for x in (q, k, v))
-        control = self.state.control
-        if control is None or not control.wants(self.site, self.kind, q.shape[2]):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:
-            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            out = control(self.site, self.kind, scores.softmax(dim=-1)) @ v
+        out = attend(self.state, self.site, self.kind, q, k, v, attn_mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -110,12 +133,7 @@ class VideoSelfAttention(_ControlledAttention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        frames = self.state.frames
-        if not self.sparse_causal:
-            return self._attend(self.to_q(x), *self.to_kv(x).chunk(2, dim=-1), None)
-        video = x.view(x.shape[0] // frames, frames, *x.shape[1:])
-        previous = video[:, [0, *range(frames - 1)]]
-        keys_from = torch.cat([video[:, :1].expand_as(video), previous], dim=2).flatten(0, 1)
+        keys_from = sparse_causal_keys(x, self.state.frames) if self.sparse_causal else x
         return self._attend(self.to_q(x), *self.to_kv(keys_from).chunk(2, dim=-1), None)
 
 
@@ -165,33 +183,91 @@ class VideoSpatialTransformer(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
+class LatentVideoAttention(LatentAttention):
+    """An SD attention (`attn1` self, `attn2` cross) under a `VideoState`: `attn1` sparse-causal (or
+    per frame), both controllable; parameter names and values those of the 2D module."""
+
+    def __init__(self, attn: LatentAttention, state: VideoState, site: str, kind: str, sparse_causal: bool):
+        inner, context_dim = attn.to_q.out_features, attn.to_k.in_features
+        super().__init__(attn.to_q.in_features, attn.heads, inner // attn.heads,
+                         context_dim if kind == "cross" else None, bias=attn.to_q.bias is not None,
+                         dropout=attn.to_out[1].p)
+        self.load_state_dict(attn.state_dict())
+        self.to(attn.to_q.weight)
+        self.state, self.site, self.kind, self.sparse_causal, self.chunk = state, site, kind, sparse_causal, attn.chunk
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "cross":
+            keys_from = context
+        else:
+            keys_from = sparse_causal_keys(x, self.state.frames) if self.sparse_causal else x
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(keys_from), self.to_v(keys_from)))
+        out = attend(self.state, self.site, self.kind, q, k, v, chunk=self.chunk)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class LatentVideoTransformerBlock(BasicTransformerBlock):
+    """An inflated SD `BasicTransformerBlock`: the 2D block (attn1 sparse-causal) on every frame's
+    tokens, then temporal attention across frames at every token; checkpointed when the state says."""
+
+    def __init__(self, block: BasicTransformerBlock, state: VideoState, site: str, config: InflateConfig):
+        dim = block.norm1.normalized_shape[0]
+        super().__init__(dim, block.attn1.heads, block.attn2.to_k.in_features, block.attn1.to_out[1].p)
+        self.load_state_dict(block.state_dict())
+        self.to(block.norm1.weight)
+        self.attn1 = LatentVideoAttention(self.attn1, state, site, "self", config.sparse_causal)
+        self.attn2 = LatentVideoAttention(self.attn2, state, site, "cross", sparse_causal=False)
+        self.temporal = None
+        if config.temporal_attention:
+            heads = block.attn1.heads
+            self.temporal = TemporalAttention(dim, heads, dim // heads).to(block.norm1.weight)
+        self.state = state
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.state.checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x, context)
+        return x if self.temporal is None else self.temporal(x, self.state.frames)
+
+
 class VideoUNet(nn.Module):
-    """A U-Net inflated in place (see the module docstring); f_theta(x_t, c, t) per video frame.
+    """A U-Net (pixel `UNet` or SD `LatentUNet`) inflated in place (see the module docstring).
     The new temporal layers are initialised from a fixed seed: the same U-Net inflates the same way."""
 
-    def __init__(self, unet: UNet, config: InflateConfig = InflateConfig()):
+    def __init__(self, unet: UNet | LatentUNet, config: InflateConfig = InflateConfig()):
         super().__init__()
         self.config, self.state = config, VideoState()
         self.sites: list[str] = []
         with fixed_init():
             for name, module in list(unet.named_modules()):
                 if isinstance(module, SpatialTransformer):
-                    parent, _, attr = name.rpartition(".")
-                    setattr(unet.get_submodule(parent), attr,
-                            VideoSpatialTransformer.inflate(module, self.state, name, config))
-                    self.sites.append(name)
+                    inflated = VideoSpatialTransformer.inflate(module, self.state, name, config)
+                elif isinstance(module, BasicTransformerBlock):
+                    inflated = LatentVideoTransformerBlock(module, self.state, name, config)
+                else:
+                    continue
+                parent, _, attr = name.rpartition(".")
+                setattr(unet.get_submodule(parent), attr, inflated)
+                self.sites.append(name)
         self.unet = unet
 
-    @property
-    def image_size(self) -> int:
-        return self.unet.config.image_size
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: TextCondition, frames: int) -> torch.Tensor:
-        """x0_hat for x_t [B*F, C, H, W] at paper steps t ([B*F] or scalar) under a per-frame `cond`."""
-        if frames < 1 or x_t.shape[0] % frames:
-            raise ValueError(f"a batch of {x_t.shape[0]} frames does not hold whole videos of {frames} frames")
-        self.state.frames = frames
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: TextCondition | torch.Tensor,
+                frames: int) -> torch.Tensor:
+        """The U-Net's output for x_t [B*F, C, H, W] (F frames per video) at steps t ([B*F] or scalar)
+        under a per-frame condition: x0_hat at paper steps for a pixel U-Net; SD's eps or v at
+        diffusers timesteps, for the text context [B*F, L, D], for a latent one."""
+        self.set_frames(frames, x_t.shape[0])
         return self.unet(x_t, t, cond)
+
+    def set_frames(self, frames: int, batch: int) -> None:
+        """Make the next calls treat a batch of `batch` rows as videos of `frames` frames."""
+        if frames < 1 or batch % frames:
+            raise ValueError(f"a batch of {batch} frames does not hold whole videos of {frames} frames")
+        self.state.frames = frames
 
     @contextmanager
     def controlled(self, control: AttentionControl | None) -> Iterator[None]:
@@ -207,5 +283,8 @@ class VideoUNet(nn.Module):
         return {name: p for name, p in self.named_parameters() if any(m in name for m in TUNABLE_MARKERS)}
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each U-Net unit in the backward pass (Tab. 8: "use checkpoint")."""
-        self.unet.config = replace(self.unet.config, gradient_checkpointing=enabled)
+        """Recompute each U-Net unit (SD: each transformer block) in the backward pass (Tab. 8: "use
+        checkpoint")."""
+        if isinstance(self.unet, UNet):
+            self.unet.config = replace(self.unet.config, gradient_checkpointing=enabled)
+        self.state.checkpoint = enabled

@@ -79,21 +79,23 @@ class TokenAlignment:
     edited: tuple[int, ...]
 
 
-def align_tokens(source_ids: list[int], target_ids: list[int], columns: int, mode: str) -> TokenAlignment:
+def align_tokens(source_ids: list[int], target_ids: list[int], columns: int, mode: str,
+                 first: int = 1) -> TokenAlignment:
     """Columns for prompts given as token ids (start to end token) in a cross-attention of
-    `columns` keys (null key + context length). "replace" maps column j to column j (prompts of
-    equal token count); "refine" follows the longest common token runs (difflib)."""
+    `columns` keys whose column `first` holds the start token (pixel U-Nets: 1, after the null key;
+    Stable Diffusion: 0). "replace" maps column j to column j (prompts of equal token count);
+    "refine" follows the longest common token runs (difflib)."""
     source_of = torch.arange(columns)
     aligned = torch.ones(columns) if mode == "replace" else torch.zeros(columns)
-    aligned[0] = 1.0  # the null key
+    aligned[:first] = 1.0  # the null key
     matched_source: set[int] = set()
     for block in SequenceMatcher(None, source_ids, target_ids, autojunk=False).get_matching_blocks():
         for k in range(block.size):
-            matched_source.add(1 + block.a + k)
+            matched_source.add(first + block.a + k)
             if mode == "refine":
-                source_of[1 + block.b + k] = 1 + block.a + k
-                aligned[1 + block.b + k] = 1.0
-    edited = tuple(1 + i for i in range(len(source_ids)) if 1 + i not in matched_source)
+                source_of[first + block.b + k] = first + block.a + k
+                aligned[first + block.b + k] = 1.0
+    edited = tuple(first + i for i in range(len(source_ids)) if first + i not in matched_source)
     return TokenAlignment(source_of, aligned, edited)
 
 

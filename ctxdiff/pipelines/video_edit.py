@@ -11,7 +11,8 @@ step of the sampling schedule, and pushed up to x_{t_N} with
 (the inverse of Eq. 11; `refine` fixed-point iterations make it exact for the model). Editing
 runs Eq. 11 back down from x_{t_N} with x0_hat guided by the target prompt (x0_u + w (x0_c - x0_u))
 and the bias r_phi(x0_hat, c_tgt, .) of the target prompt: the adapter moves the trajectory
-toward the target context. No model code here: the denoiser and adapter come from `VideoModel`.
+toward the target context. No model code here: the denoiser, adapter and text encoder come from a `VideoDenoiser` (pixel
+or Stable Diffusion, where frames are VAE latents).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import torch
 
 from ctxdiff.checkpoints import load_bundle, save_bundle
 from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image
-from ctxdiff.data.png import to_uint8
 from ctxdiff.data.video import FRAME_FOLDER_FPS, Video, read_video
 from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim, timesteps_for
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
                                                  blend_mask)
-from ctxdiff.pipelines.video_model import ModelRef, VideoModel, frames_to_tensor
+from ctxdiff.models.latent.text import EOT_ID
+from ctxdiff.pipelines.video_model import ModelRef, VideoDenoiser
 from ctxdiff.recipes import from_dict
 
 INVERSION_KIND = "video-inversion"
@@ -69,8 +70,9 @@ class InversionParams:
 
 @dataclass
 class Inversion:
-    """The latent trajectory [N, F, C, H, W] at increasing `timesteps` t_1..t_N (x_{t_1} = the
-    source frames), the frames themselves (uint8, at the model's size) and what made it."""
+    """The trajectory [N, F, C, H, W] at increasing `timesteps` t_1..t_N (x_{t_1} = the source
+    frames in the denoiser's space: pixels or VAE latents), the frames themselves (uint8, at the
+    model's size) and what made it."""
 
     trajectory: torch.Tensor
     timesteps: list[int]
@@ -85,13 +87,13 @@ class Inversion:
 
 
 @torch.no_grad()
-def invert_video(model: VideoModel, video: Video, prompt: str, params: InversionParams,
+def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: InversionParams,
                  progress=None) -> Inversion:
     """Invert `video` (frames at the model's size) under `prompt`, without guidance."""
     frames = len(video)
-    x0 = frames_to_tensor(video.frames, model.device)
+    x0 = model.to_model(video.frames)
     timesteps = timesteps_for(model.sched.T, params.steps, params.spacing)[:-1][::-1]
-    recorder = AttentionRecorder(model.image_size, params.attention_on_cpu) if params.attention else None
+    recorder = AttentionRecorder(model.grid_size, params.attention_on_cpu) if params.attention else None
     x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(recorder, "t", t)) if recorder else None)
     cond = model.encode(prompt, frames)
     use_adapter = params.adapter and model.adapter is not None
@@ -125,7 +127,7 @@ def load_inversion(path: str | Path) -> Inversion:
                      bundle.tensors.get("attention"))
 
 
-def check_inversion(model: VideoModel, inversion: Inversion, name: str) -> None:
+def check_inversion(model: VideoDenoiser, inversion: Inversion, name: str) -> None:
     """Refuse an inversion made with another base model or tuned file than `model`'s."""
     tuned_now = model.tuned.sha256 if model.tuned else None
     tuned_then = inversion.tuned.sha256 if inversion.tuned else None
@@ -140,13 +142,13 @@ class Reconstruction:
     """Sampling back from x_{t_N} under the inversion's prompt, without guidance."""
 
     frames: np.ndarray
-    latent_error: float    # mean |x_{t_1} sampled back - source frames| in [-1, 1] units
+    latent_error: float    # mean |x_{t_1} sampled back - source x_{t_1}| in the denoiser's units
     pixel_error: float     # mean |output - source| in 0..255
     psnr: float
 
 
 @torch.no_grad()
-def reconstruct(model: VideoModel, inversion: Inversion, progress=None) -> Reconstruction:
+def reconstruct(model: VideoDenoiser, inversion: Inversion, progress=None) -> Reconstruction:
     frames = len(inversion.frames)
     descending = inversion.timesteps[::-1] + [0]
     states: dict[int, torch.Tensor] = {}
@@ -155,7 +157,7 @@ def reconstruct(model: VideoModel, inversion: Inversion, progress=None) -> Recon
                     cond=model.encode(inversion.prompt, frames), progress=progress,
                     callback=lambda step, x, **_: states.__setitem__(step + 1, x))
     at_t1 = states.get(len(descending) - 2, inversion.trajectory[-1].to(model.device))
-    out = to_uint8(x)
+    out = model.to_frames(x)
     diff = out.astype(np.float64) - inversion.frames
     mse = float(np.mean(diff ** 2))
     return Reconstruction(out, float((at_t1.cpu() - inversion.trajectory[0]).abs().mean()), float(np.abs(diff).mean()),
@@ -190,22 +192,24 @@ class EditResult:
     notes: list[str] = field(default_factory=list)
 
 
-def edit_scores(model: VideoModel, frames: np.ndarray, prompt: str) -> dict:
+def edit_scores(model: VideoDenoiser, frames: np.ndarray, prompt: str) -> dict:
     """Text alignment with `prompt` and, for two frames or more, temporal consistency (both pairings),
-    on the model's CLIP (metrics/video.py)."""
+    on the model's CLIP (metrics/video.py); only the frame count for a model without one."""
     from ctxdiff.metrics.clip_score import embed_images, embed_prompts
     from ctxdiff.metrics.video import text_alignment, video_scores
 
+    if model.clip is None:
+        return {"frames": len(frames)}
     if len(frames) >= 2:
         return video_scores(model.clip, frames, prompt)
     return {"frames": 1, "text_alignment": text_alignment(embed_images(model.clip, list(frames)),
                                                           embed_prompts(model.clip, [prompt])[0])}
 
 
-def token_ids(model: VideoModel, prompt: str) -> list[int]:
-    """The prompt's token ids from the start token to the end token."""
-    ids = model.clip.tokenize([prompt])[0].tolist()
-    return ids[:max(i for i, v in enumerate(ids) if v != 0) + 1]
+def token_ids(model: VideoDenoiser, prompt: str) -> list[int]:
+    """The prompt's token ids from the start token to the (first) end-of-text token."""
+    ids = model.tokenize([prompt])[0].tolist()
+    return ids[:ids.index(EOT_ID) + 1]
 
 
 def resolve_cross_mode(mode: str, source_ids: list[int], target_ids: list[int]) -> tuple[str, str | None]:
@@ -217,7 +221,7 @@ def resolve_cross_mode(mode: str, source_ids: list[int], target_ids: list[int]) 
 
 
 @torch.no_grad()
-def edit_video(model: VideoModel, inversion: Inversion, target: str, params: EditParams,
+def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: EditParams,
                progress=None) -> EditResult:
     """Sample from the inversion's x_{t_N} under `target` with guidance, the adapter and fusion."""
     use_adapter = params.adapter and model.adapter is not None
@@ -235,7 +239,8 @@ def edit_video(model: VideoModel, inversion: Inversion, target: str, params: Edi
         source_ids, target_ids = token_ids(model, inversion.prompt), token_ids(model, target)
         mode, note = resolve_cross_mode(params.cross_mode, source_ids, target_ids)
         notes += [note] if note else []
-        alignment = align_tokens(source_ids, target_ids, 1 + cond.tokens.shape[1], mode)
+        first = model.first_token_column
+        alignment = align_tokens(source_ids, target_ids, first + cond.tokens.shape[1], mode, first)
         maps = inversion.attention if inversion.params.attention_on_cpu else \
             {k: v.to(model.device) for k, v in inversion.attention.items()}
         mask = blend_mask(maps, alignment.edited, params.blend_threshold, model.device)
@@ -243,8 +248,8 @@ def edit_video(model: VideoModel, inversion: Inversion, target: str, params: Edi
         editor = AttentionEditor(maps, descending[:-1], FusionPlan(params.self_replace, params.cross_replace, mode),
                                  alignment, mask, frames, model.device)
     x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None)
-    guided = classifier_free_guidance(x0_fn, model.clip.encode_text([""]), params.guidance)
+    guided = classifier_free_guidance(x0_fn, model.text([""]), params.guidance)
     with model.unet.controlled(editor):
         x = sample_ddim(guided, inversion.trajectory[-1].to(model.device), descending, model.sched,
                         adapter=model.adapter_fn(frames, use_adapter), cond=cond, progress=progress)
-    return EditResult(to_uint8(x), mode, fraction, notes)
+    return EditResult(model.to_frames(x), mode, fraction, notes)

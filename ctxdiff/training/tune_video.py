@@ -27,7 +27,7 @@ from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_trai
 from ctxdiff.data.video import Video
 from ctxdiff.diffusion import diffusion_loss
 from ctxdiff.errors import CtxdiffError
-from ctxdiff.pipelines.video_model import VideoModel, frames_to_tensor, save_tuned
+from ctxdiff.pipelines.video_model import VideoDenoiser, save_tuned
 from ctxdiff.recipes import apply_overrides, from_dict, read_recipe_data, to_dict
 from ctxdiff.training.trainer import step_seed
 
@@ -93,7 +93,7 @@ class VideoTuner:
     is taken from the clip (an image source gives one frame), so the tuned file records what was read.
     """
 
-    def __init__(self, model: VideoModel, video: Video, prompt: str, config: TuneConfig, out: str | Path,
+    def __init__(self, model: VideoDenoiser, video: Video, prompt: str, config: TuneConfig, out: str | Path,
                  resume: bool = False, log: Callable[[str], None] = lambda _: None) -> None:
         config = replace(config, frames=len(video))
         self.model, self.prompt, self.config, self.log = model, prompt, config, log
@@ -103,7 +103,10 @@ class VideoTuner:
         self._check_output(resume)
         if not config.adapter:
             model.adapter = None
-        model.clip.requires_grad_(False)
+        elif model.adapter is None:
+            model.adapter = model.new_adapter(config.window)
+        for module in model.frozen_modules():
+            module.requires_grad_(False)
         model.unet.requires_grad_(False)
         model.unet.set_gradient_checkpointing(config.gradient_checkpointing)
         self.params = list(model.unet.tunable_state().values())
@@ -114,7 +117,7 @@ class VideoTuner:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas),
                                            weight_decay=config.weight_decay)
         self.frames = len(video)
-        self.x0 = frames_to_tensor(video.frames, model.device)
+        self.x0 = model.to_model(video.frames)
         with torch.no_grad():
             self.cond = model.encode(prompt, self.frames)
         self.step = 0
