@@ -2,10 +2,14 @@
 
     python benchmarks/video_edit.py cost                       # CPU: frames 8/16/24, adapter on/off
     python benchmarks/video_edit.py cost --device cuda --frames 8 16 24
+    python benchmarks/video_edit.py cost --device cuda --model sd15   # 512x512, SD 1.5-shaped, fp16
     python benchmarks/video_edit.py shapes --train-steps 1000 --seeds 12
 
 `cost` runs every (frames, adapter) pair in its own process on a model of the bundled default's
-size (recipes/shapes.yaml: 32x32 U-Net, CLIP-branch adapter, shapes CLIP; random weights) and reports seconds per tuning
+size (recipes/shapes.yaml: 32x32 U-Net, CLIP-branch adapter, shapes CLIP; random weights), on
+`--model FILE` (a t2i bundle or a Stable Diffusion checkpoint), or with `--model sd15` on a
+randomly initialised SD 1.5-shaped latent model (860M U-Net, VAE, ViT-L text; 512x512 frames,
+64x64 latents; fp16 on CUDA; the adapter is a new spatio-temporal one on latent patches), and reports seconds per tuning
 step (gradient checkpointing on, Tab. 8), seconds for inversion with stored attention maps and for
 editing (T = 20 steps, guidance 7.5, fusion), and peak memory: on the CPU the process's peak RSS
 and its rise over the loaded model (getrusage); on CUDA torch.cuda.max_memory_allocated.
@@ -61,16 +65,33 @@ def _rss_mb() -> float:
 
 
 
+def random_sd15(device: torch.device):
+    """A LatentVideoModel shaped like Stable Diffusion 1.5, random weights (fp16 on CUDA)."""
+    from ctxdiff.models.inflate import VideoUNet
+    from ctxdiff.models.latent import (LatentModels, LatentSDConfig, LatentTextConfig, LatentTextEncoder, LatentUNet,
+                                       LatentUNetConfig, LatentVAE, LatentVAEConfig, SchedulerInfo)
+    from ctxdiff.pipelines.latent_video import LatentVideoModel
+    from ctxdiff.pipelines.video_model import ModelRef
+
+    torch.manual_seed(0)
+    config = LatentSDConfig(LatentUNetConfig.v1(), LatentVAEConfig(), LatentTextConfig.v1())
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    models = LatentModels(*(m.to(device, dtype).eval() for m in (LatentUNet(config.unet), LatentVAE(config.vae),
+                                                                   LatentTextEncoder(config.text))),
+                          config, "epsilon", SchedulerInfo())
+    return LatentVideoModel(models, VideoUNet(models.unet).eval(), None, None, ModelRef("random SD 1.5-shaped", ""))
+
+
 def measure_one(model: str, frames: int, adapter: bool, device: str, tune_steps: int, steps: int) -> dict:
     """One configuration, in this process: tuning step, inversion and edit times, peak memory."""
     from ctxdiff.data.shapes import moving_shape_video
     from ctxdiff.data.video import Video
     from ctxdiff.pipelines.video_edit import EditParams, InversionParams, edit_video, invert_video
-    from ctxdiff.pipelines.video_model import VideoModel
+    from ctxdiff.pipelines.video_model import load_video_model
     from ctxdiff.training.tune_video import TuneConfig, VideoTuner
 
     dev = torch.device(device)
-    vmodel = VideoModel.load(model, device=dev)
+    vmodel = random_sd15(dev) if model == "sd15" else load_video_model(model, device=dev)
     size = vmodel.image_size
     clip = moving_shape_video(SCENE.format(colour="red", direction="right"), frames=frames, size=size, seed=0)
     video = Video(clip.frames, 8.0, Path(f"shapes-{frames}.mp4"))
@@ -83,12 +104,12 @@ def measure_one(model: str, frames: int, adapter: bool, device: str, tune_steps:
         tuner.train_step()  # warm-up
         tune_s = timed(lambda: [tuner.train_step() for _ in range(tune_steps)], dev) / tune_steps
     vmodel.unet.eval()
-    params = InversionParams(steps=steps, adapter=adapter, attention=True)
+    params = InversionParams(steps=steps, adapter=adapter, attention=True, attention_on_cpu=dev.type == "cuda")
     holder = {}
     invert_s = timed(lambda: holder.setdefault("inv", invert_video(vmodel, video, SRC, params)), dev)
     edit_s = timed(lambda: edit_video(vmodel, holder["inv"], TGT, EditParams(adapter=adapter)), dev)
     stored_mb = sum(m.numel() * m.element_size() for m in holder["inv"].attention.values()) / 2**20
-    record = {"frames": frames, "adapter": adapter, "tune_s_per_step": tune_s, "invert_s": invert_s,
+    record = {"size": size, "frames": frames, "adapter": adapter, "tune_s_per_step": tune_s, "invert_s": invert_s,
               "edit_s": edit_s, "stored_attention_mb": stored_mb}
     if dev.type == "cuda":
         record["peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -107,10 +128,16 @@ def cost(args) -> None:
                 command = [sys.executable, __file__, "_one", "--model", model, "--frames", str(frames),
                            "--device", args.device, "--tune-steps", str(args.tune_steps), "--steps", str(args.steps)]
                 command += [] if adapter else ["--no-adapter"]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:   # e.g. out of memory: a row that says so, and the next configuration
+                    last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"frames {frames}, adapter {'on' if adapter else 'off'}: failed: {last}")
+                    continue
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     memory = "peak MB (CUDA allocated)" if args.device.startswith("cuda") else "peak RSS MB"
-    print(f"video editing cost, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    size = rows[0]["size"] if rows else "?"
+    print(f"video editing cost, {size}x{size} frames, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"inversion and edit T = {args.steps} steps, tuning step = 1 clip, gradient checkpointing on")
     header = (f"{'frames':>6} {'adapter':>7} {'tune s/step':>11} {'invert s':>9} {'edit s':>7} {'maps MB':>8} "
               f"{memory:>24}")
@@ -213,7 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("cost", help="time and peak memory against frame count, adapter on/off")
-    c.add_argument("--model", help="a t2i bundle (default: random weights of the bundled default's size)")
+    c.add_argument("--model", help="a t2i bundle or SD checkpoint, or sd15 (random SD 1.5-shaped weights; default: "
+                                   "random weights of the bundled default's size)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--frames", type=int, nargs="+", default=[8, 16, 24])
     c.add_argument("--tune-steps", type=int, default=2)
