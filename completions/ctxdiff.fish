@@ -35,7 +35,7 @@ complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l stride -r -F -d 'Ta
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l start -r -F -d 'First frame (default: as tuned, else 0).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l spacing -xa 'leading trailing linspace' -d 'DDIM timestep spacing (trailing: up to t = T).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l refine -r -F -d 'Inversion fixed-point iterations per step (better reconstruction; keep 0 to edit).'
-complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l attention-on-cpu -d 'Keep stored attention maps in host memory.'
+complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l attention-on-cpu -d 'Keep stored attention maps in host memory (always, for Stable Diffusion).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l force -d 'Replace an existing output.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from edit' -l help -s h -d 'Show help and exit.'
 complete -c ctxdiff -n '__fish_seen_subcommand_from evaluate' -F
@@ -95,7 +95,7 @@ complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l start -r -F -d 'F
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l spacing -xa 'leading trailing linspace' -d 'DDIM timestep spacing (trailing: up to t = T).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l refine -r -F -d 'Inversion fixed-point iterations per step (better reconstruction; keep 0 to edit).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l attention -d 'Store the low-resolution attention maps (for edits fusion).'
-complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l attention-on-cpu -d 'Keep stored attention maps in host memory.'
+complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l attention-on-cpu -d 'Keep stored attention maps in host memory (always, for Stable Diffusion).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l no-adapter -d 'Invert with r = 0 (plain DDIM inversion).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l no-check -d 'Skip sampling back (no reconstruction error).'
 complete -c ctxdiff -n '__fish_seen_subcommand_from invert' -l force -d 'Replace an existing inversion file.'

@@ -212,3 +212,49 @@ def test_adapter_option_with_a_pixel_model_is_a_one_line_error(video, tmp_path, 
     assert main(["edit", str(video), "--model", str(DEFAULT_MODEL), "--adapter", str(sd["a"]), "--tgt", TGT,
                  "--out", str(tmp_path / "x")]) == 1
     assert "--adapter is for Stable Diffusion" in one_line_error(capsys)
+
+
+def test_half_precision_sd_tunes_float32_master_weights_under_autocast(sd, video, tmp_path):
+    """SD on CUDA runs in fp16; here bf16 on the CPU stands in: the tuned tensors stay finite and are
+    float32 while tuning, and the U-Net is back in its own precision afterwards."""
+    from ctxdiff.training.tune_video import TuneConfig, VideoTuner
+
+    model = load_video_model(sd["a"])
+    model.models.unet.to(torch.bfloat16)
+    clip = read_source(video, FRAMES, 2, 0, model.image_size)
+    tuner = VideoTuner(model, clip, SRC, TuneConfig(steps=3, lr=1e-3, checkpoint_every=10), tmp_path / "run")
+    assert all(p.dtype == torch.float32 for p in tuner.params)
+    result = tuner.run()
+    assert np.isfinite(result.loss)
+    tuned = model.unet.tunable_state()
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in tuned.values())
+    assert any(p.abs().max() > 0 for n, p in tuned.items() if ".temporal.to_out." in n)   # it learned
+
+
+def test_refine_maps_padding_after_the_end_token_to_the_source_padding():
+    source, target = [49406, 320, 736, 49407], [49406, 320, 1205, 1746, 49407]
+    alignment = align_tokens(source, target, 8, "refine", first=0)
+    assert alignment.source_of.tolist() == [0, 1, 2, 3, 3, 4, 5, 6]   # 'a' and EOT follow; pads shift by one
+    assert alignment.aligned.tolist() == [1, 1, 0, 0, 1, 1, 1, 1] and alignment.edited == (2,)
+
+
+def test_model_refs_hash_a_diffusers_folder_by_its_parts_through_symlinks(tmp_path):
+    from ctxdiff.errors import CtxdiffError
+    from ctxdiff.pipelines.video_model import ModelRef
+
+    blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    (folder / "unet").mkdir(parents=True)
+    (blobs / "w").write_bytes(b"weights")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").symlink_to(blobs / "w")
+    (folder / "model_index.json").write_text("{}")
+    first = ModelRef.of(folder).sha256
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x").write_text("ignored")
+    (folder / "safety_checker").mkdir()
+    (folder / "safety_checker" / "model.bin").write_text("ignored")
+    assert ModelRef.of(folder).sha256 == first
+    (folder / "unet" / "config.json").write_text("{}")
+    assert ModelRef.of(folder).sha256 != first
+    with pytest.raises(CtxdiffError, match="no such model"):
+        ModelRef.of(tmp_path / "absent")

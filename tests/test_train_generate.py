@@ -214,3 +214,5 @@ def test_a_v_prediction_recipe_trains_and_generates_with_the_recipe_schedule(tin
                  "--set", "model.unet.schedule=linear"]) != 0
     err = capsys.readouterr().err
     assert "make them agree" in err and "Traceback" not in err
+    assert main(["train", "--recipe", tiny_recipe("eps"), "--set", "model.unet.prediction_type=epsilon"]) != 0
+    assert "needs diffusion.loss_weighting snr or min_snr" in capsys.readouterr().err

@@ -12,8 +12,8 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.generate import safe_stem
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
-                                      clip_settings, refuse_existing, source_prompt)
+from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED,
+                                      Spacing, clip_settings, refuse_existing, source_prompt)
 from ctxdiff.errors import UsageError
 
 
@@ -86,7 +86,7 @@ def edit(
         if inversion_file is None:
             inversion = invert_video(vmodel, clip, text, InversionParams(
                 steps=steps, spacing=spacing.value, refine=refine, adapter=params.adapter, attention=params.fusion,
-                attention_on_cpu=attention_on_cpu), progress=bar)
+                attention_on_cpu=attention_on_cpu or vmodel.backbone == "sd"), progress=bar)
         result = edit_video(vmodel, inversion, tgt, params, progress=bar)
     for note in result.notes:
         warn(note)

@@ -9,8 +9,8 @@ import typer
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import pick_device
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED, Spacing,
-                                      clip_settings, refuse_existing, source_prompt)
+from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED,
+                                      Spacing, clip_settings, refuse_existing, source_prompt)
 
 
 @app.command()
@@ -48,7 +48,7 @@ def invert(
         warn("this model has no adapter; --no-adapter changes nothing")
     clip = read_source(source, **clip_settings(vmodel.tuned_on, frames, stride, start), size=vmodel.image_size)
     params = InversionParams(steps=steps, spacing=spacing.value, refine=refine, adapter=not no_adapter,
-                             attention=attention, attention_on_cpu=attention_on_cpu)
+                             attention=attention, attention_on_cpu=attention_on_cpu or vmodel.backbone == "sd")
     with progress_bar("invert", (steps - 1) + (0 if no_check else steps)) as bar:
         inversion = invert_video(vmodel, clip, text, params, progress=bar)
         check = None if no_check else reconstruct(vmodel, inversion, progress=bar)

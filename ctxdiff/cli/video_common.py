@@ -28,7 +28,8 @@ START = typer.Option(None, "--start", min=0, help="First frame (default: as tune
 SPACING = typer.Option(Spacing.trailing, "--spacing", help="DDIM timestep spacing (trailing: up to t = T).")
 REFINE = typer.Option(0, "--refine", min=0,
                       help="Inversion fixed-point iterations per step (better reconstruction; keep 0 to edit).")
-ATTENTION_ON_CPU = typer.Option(False, "--attention-on-cpu", help="Keep stored attention maps in host memory.")
+ATTENTION_ON_CPU = typer.Option(False, "--attention-on-cpu",
+                                help="Keep stored attention maps in host memory (always, for Stable Diffusion).")
 
 DEFAULT_CLIP = {"frames": 8, "stride": 2, "start": 0}   # Tab. 8: 8 frames, sampling rate 2
 

@@ -89,10 +89,10 @@ def attend(state: VideoState, site: str, kind: str, q: torch.Tensor, k: torch.Te
         if attn_mask is None:
             return chunked_attention(q, k, v, chunk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)   # float32: fp16 scores overflow
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return control(site, kind, scores.softmax(dim=-1)) @ v
+    return control(site, kind, scores.softmax(dim=-1)).to(v.dtype) @ v
 
 
 class _ControlledAttention(Attention):

@@ -95,6 +95,11 @@ def align_tokens(source_ids: list[int], target_ids: list[int], columns: int, mod
             if mode == "refine":
                 source_of[first + block.b + k] = first + block.a + k
                 aligned[first + block.b + k] = 1.0
+    if mode == "refine":   # padding after the end token (SD 1.x: end-token copies that carry attention)
+        for j in range(first + len(target_ids), columns):
+            source = first + len(source_ids) + (j - first - len(target_ids))
+            if source < columns:
+                source_of[j], aligned[j] = source, 1.0
     edited = tuple(first + i for i in range(len(source_ids)) if first + i not in matched_source)
     return TokenAlignment(source_of, aligned, edited)
 

@@ -53,6 +53,7 @@ class LatentVideoModel(VideoDenoiser):
     base: ModelRef
     tuned: ModelRef | None = None
     tuned_on: dict | None = None
+    adapter_ref: ModelRef | None = None
 
     backbone = "sd"
     first_token_column = 0
@@ -117,7 +118,7 @@ class LatentVideoModel(VideoDenoiser):
 
     def add_to_tuned_file(self, modules: dict, configs: dict, extra: dict) -> None:
         extra["prediction_type"] = self.models.prediction_type
-        if self.adapter_clip is not None:
+        if self.adapter is not None and self.adapter_clip is not None:
             modules["clip"] = self.adapter_clip.clip
             configs["clip"] = replace(self.adapter_clip.config, weights=None,
                                       context_length=self.adapter_clip.context_length)
@@ -164,4 +165,5 @@ class LatentVideoModel(VideoDenoiser):
         if bundle is not None:
             load_tuned_unet(unet, bundle.tensors.get("unet", {}), f"{tuned} unet")
         return cls(models, unet, video_adapter.eval() if video_adapter is not None else None, clip, ref,
-                   ModelRef.of(tuned) if tuned is not None else None, tuned_on(bundle))
+                   ModelRef.of(tuned) if tuned is not None else None, tuned_on(bundle),
+                   ModelRef.of(adapter) if adapter is not None else None)

@@ -45,20 +45,32 @@ class ModelRef:
 
     @classmethod
     def of(cls, path: str | Path) -> "ModelRef":
+        """A file, or a diffusers folder by the files of its model parts (hidden entries skipped;
+        symlinked files, as in the Hugging Face cache, are read through their links)."""
         path = Path(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        stamps = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-        return cls(str(path), _sha256(stamps, str(path.resolve())))
+        if not path.exists():
+            raise CtxdiffError(f"{path}: no such model file or folder")
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.relative_to(path).parts[0] in
+                           DIFFUSERS_PARTS and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            names = tuple(str(f.relative_to(path)) for f in files)
+        else:
+            files, names = [path], (path.name,)
+        stamps = tuple((name, str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for name, f in zip(names, files))
+        return cls(str(path), _sha256(stamps))
+
+
+DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")
 
 
 @lru_cache(maxsize=16)
-def _sha256(stamps: tuple[tuple[str, int, int], ...], root: str) -> str:
-    """SHA-256 of the files' bytes (and, for several, their paths under `root`); cached per mtime and size."""
+def _sha256(stamps: tuple[tuple[str, str, int, int], ...]) -> str:
+    """SHA-256 of the files' bytes (and, for a folder, their names in it); cached per mtime and size."""
     digest = hashlib.sha256()
-    for name, _, _ in stamps:
+    for name, resolved, _, _ in stamps:
         if len(stamps) > 1:
-            digest.update(str(Path(name).relative_to(root)).encode() + b"\0")
-        with open(name, "rb") as f:
+            digest.update(name.encode() + b"\0")
+        with open(resolved, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -85,6 +97,7 @@ class VideoDenoiser:
     base: ModelRef
     tuned: ModelRef | None
     tuned_on: dict | None           # the tuned file's prompt, video, frames, stride and start
+    adapter_ref: ModelRef | None = None   # the adapter file the adapter came from (None: the base model's)
     backbone = "pixel"              # what a tuned file records ("pixel" or "sd")
     first_token_column = 1          # cross-attention column of the start token (pixel U-Nets: after a null key)
 
@@ -236,6 +249,9 @@ def load_video_model(model: str | Path | None = None, tuned: str | Path | None =
     from ctxdiff.pipelines.latent import is_sd_model
     from ctxdiff.pipelines.latent_video import LatentVideoModel
 
+    if model is not None and not Path(model).exists():
+        raise CtxdiffError(f"{model}: no such model file or folder; pass --model (a t2i bundle or a Stable "
+                           "Diffusion checkpoint)")
     bundle = load_bundle(tuned, kind=TUNED_KIND) if tuned is not None else None
     if bundle is not None:
         latent = bundle.extra.get("backbone", "pixel") == "sd"

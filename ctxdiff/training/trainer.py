@@ -90,6 +90,10 @@ def _unet_config(recipe: Recipe) -> UNetConfig:
         config = replace(config, gradient_checkpointing=True)
     if config.prediction_type == "sample":
         return config
+    if config.prediction_type == "epsilon" and d.loss_weighting == "constant":
+        raise UsageError("model.unet.prediction_type epsilon needs diffusion.loss_weighting snr or min_snr: the "
+                         "constant weight on the x0 error weights the epsilon error by (1 - abar)/abar, which "
+                         "explodes as t -> T")
     if config.schedule not in (None, d.schedule) or config.timesteps != d.timesteps:
         raise UsageError(f"model.unet reads its {config.prediction_type} output under schedule "
                          f"{config.schedule!r} with {config.timesteps} steps, but diffusion is {d.schedule!r} with "

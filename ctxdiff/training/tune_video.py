@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -112,8 +112,14 @@ class VideoTuner:
         self.params = list(model.unet.tunable_state().values())
         if model.adapter is not None:
             self.params += list(model.adapter.parameters())
+        # A half-precision U-Net (SD on CUDA) runs under autocast; the tuned tensors are float32 master
+        # weights while tuning (AdamW on fp16 weights underflows: its eps 1e-8 rounds to 0) and fp16
+        # losses are scaled.
+        self.dtype = model.unet.unet.conv_in.weight.dtype
         for p in self.params:
+            p.data = p.data.float()
             p.requires_grad_(True)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas),
                                            weight_decay=config.weight_decay)
         self.frames = len(video)
@@ -137,26 +143,31 @@ class VideoTuner:
     def _identity(self) -> dict:
         """What a checkpoint must share with this run to be resumed by it."""
         config = {k: v for k, v in to_dict(self.config).items() if k not in RESUMABLE_CHANGES}
+        adapter = self.model.adapter
         return {"config": config, "base_sha256": self.model.base.sha256, "prompt": self.prompt,
-                "video": self.video_source}
+                "video": self.video_source, "adapter": asdict(adapter.config) if adapter is not None else None,
+                "adapter_sha256": self.model.adapter_ref.sha256 if self.model.adapter_ref is not None else None}
 
     def _load_latest(self) -> None:
         path = latest_checkpoint(self.ckpt_dir)
         state = load_training_state(path)
         if state.get("identity") != self._identity():
-            raise CtxdiffError(f"{path}: this checkpoint was tuned with another base model, video, prompt or settings; "
+            raise CtxdiffError(f"{path}: this checkpoint was tuned with another base model, adapter, video, prompt or "
+                               "settings; "
                                "resume with the command that started the run")
         self.model.unet.load_state_dict(state["unet"], strict=False)
         if self.model.adapter is not None:
             self.model.adapter.load_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.log(f"resumed from {path} at step {self.step}")
 
     def save_checkpoint(self) -> Path:
         adapter = self.model.adapter.state_dict() if self.model.adapter is not None else None
         state = {"unet": {k: v.detach().clone() for k, v in self.model.unet.tunable_state().items()},
-                 "adapter": adapter, "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "adapter": adapter, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "step": self.step,
                  "rng": capture_rng_state(), "identity": self._identity()}
         path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
         rotate_checkpoints(self.ckpt_dir, keep_last=self.config.keep_last)
@@ -178,17 +189,20 @@ class VideoTuner:
         model.unet.train()
         if model.adapter is not None:
             model.adapter.train()
-        loss = diffusion_loss(model.sched, model.x0_fn(self.frames, clamp=False), self.x0, self.cond,
-                              model.adapter_fn(self.frames), t=t, noise=noise,
-                              weighting=model.diffusion.loss_weighting, gamma=model.diffusion.min_snr_gamma)
+        with torch.autocast(model.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = diffusion_loss(model.sched, model.x0_fn(self.frames, clamp=False), self.x0, self.cond,
+                                  model.adapter_fn(self.frames), t=t, noise=noise,
+                                  weighting=model.diffusion.loss_weighting, gamma=model.diffusion.min_snr_gamma)
         if not torch.isfinite(loss):
             raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
                                f"(the last good checkpoint is kept in {self.ckpt_dir}); lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
         return float(loss.detach())
 
@@ -211,6 +225,8 @@ class VideoTuner:
                     self.save_checkpoint()
                     return TuneResult(self.step, loss, self.out / TUNED_FILE, interrupted=True)
         finally:
+            for p in self.model.unet.tunable_state().values():
+                p.data = p.data.to(self.dtype)   # the U-Net runs in its own precision again
             self.model.unet.eval()
             if self.model.adapter is not None:
                 self.model.adapter.eval()
