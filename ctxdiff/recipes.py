@@ -336,7 +336,7 @@ class DiffusionConfig:
 
     schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"  # Tab. 7; video (Tab. 8): linear
     timesteps: int = 1000  # T; Tab. 7
-    loss_weighting: Literal["constant", "min_snr", "snr"] = "constant"  # paper: lambda_t = 1
+    loss_weighting: Literal["constant", "min_snr", "snr", "snr_plus_one"] = "constant"  # paper: lambda_t = 1
     min_snr_gamma: float = 5.0  # for loss_weighting: min_snr
     cond_drop_prob: float = 0.1  # empty-text rate for classifier-free guidance
 

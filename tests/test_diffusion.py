@@ -347,3 +347,18 @@ def test_v_parameterisation_is_the_identity_on_x_t_near_data_and_direct_x0_at_t_
     assert (x0[0] - x_t[0]).abs().max() < 0.02 and (x0[1] + out[1]).abs().max() < 0.02
     with pytest.raises(ValueError, match="unknown prediction type"):
         x0_from_output("x1", out, x_t, abar)
+
+
+def test_snr_plus_one_weighting_of_a_v_output_is_the_plain_v_loss(sched):
+    """Eq. 6 with lambda_t = SNR_t + 1 on x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v_hat equals
+    mean ||v' - v_hat||^2 (v' the effective v target, bias included), at every t."""
+    g = torch.Generator().manual_seed(3)
+    x0, eps, v_hat = (torch.randn(T, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.arange(1, T + 1)
+    abar = sched.alpha_bar[t].view(-1, 1, 1)
+    x_t = q_sample(sched, x0, t, linear_adapter, None, eps)
+    loss = diffusion_loss(sched, lambda x, c, tt: x0_from_output("v_prediction", v_hat, x, abar), x0,
+                          adapter=linear_adapter, t=t, noise=eps, weighting="snr_plus_one")
+    eff = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    v_target = abar.sqrt() * eff - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(loss, (v_target - v_hat).pow(2).flatten(1).mean(1).mean().float(), rtol=1e-5, atol=0)

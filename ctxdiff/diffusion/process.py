@@ -186,17 +186,21 @@ def ddim_invert_step(sched: Schedule, x_s: torch.Tensor, s: int | torch.Tensor, 
     return _jump(sched, x_s, s, t, x0_hat, adapter, cond, sigma=torch.zeros((), dtype=x0_hat.dtype))
 
 
-LOSS_WEIGHTINGS = ("constant", "snr", "min_snr")
+LOSS_WEIGHTINGS = ("constant", "snr", "snr_plus_one", "min_snr")
 
 
 def loss_weights(sched: Schedule, t: torch.Tensor, weighting: str = "constant", gamma: float = 5.0) -> torch.Tensor:
-    """lambda_t of Eq. 6. `constant`: 1 (the paper). `snr`: SNR_t (equals the epsilon-prediction
-    loss). `min_snr`: min(SNR_t, gamma) (Hang et al. 2023, for x0-prediction)."""
+    """lambda_t of Eq. 6 (on the x0 error). `constant`: 1 (the paper). `snr`: SNR_t (equals the
+    epsilon-prediction loss). `snr_plus_one`: SNR_t + 1 (equals the v-prediction loss, Salimans &
+    Ho 2022: a v-output net gets the same gradient scale at every t). `min_snr`: min(SNR_t, gamma)
+    (Hang et al. 2023, for x0-prediction)."""
     if weighting == "constant":
         return torch.ones(t.shape, dtype=torch.float64, device=t.device)
     snr = sched.snr(t.cpu()).to(t.device)
     if weighting == "snr":
         return snr
+    if weighting == "snr_plus_one":
+        return snr + 1
     if weighting == "min_snr":
         return snr.clamp(max=gamma)
     raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
