@@ -57,6 +57,7 @@ class LatentVideoModel(VideoDenoiser):
 
     backbone = "sd"
     first_token_column = 0
+    clamp_x0 = False
 
     def __post_init__(self) -> None:
         abar = self.models.scheduler.alphas_cumprod()

@@ -11,8 +11,8 @@ step of the sampling schedule, and pushed up to x_{t_N} with
 (the inverse of Eq. 11; `refine` fixed-point iterations make it exact for the model). Editing
 runs Eq. 11 back down from x_{t_N} with x0_hat guided by the target prompt (x0_u + w (x0_c - x0_u))
 and the bias r_phi(x0_hat, c_tgt, .) of the target prompt: the adapter moves the trajectory
-toward the target context. No model code here: the denoiser, adapter and text encoder come from a `VideoDenoiser` (pixel
-or Stable Diffusion, where frames are VAE latents).
+toward the target context. No model code here: the denoiser, adapter and text encoder come from
+a `VideoDenoiser` (pixel, or Stable Diffusion, where frames are VAE latents).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ stage of a t2i bundle; the super-resolution stage of a cascade is not used), `La
 (pipelines/latent_video.py) the Stable Diffusion one, in latent space. `load_video_model` picks.
 A one-shot tuned file (kind "video-tuned", written by `ctxdiff tune-video`) holds only the tuned
 tensors (attention query projections, temporal layers, adapter) and a reference to its base model:
-the base file's path and the SHA-256 of its bytes (of every file, for a diffusers folder).
+the base file's path and the SHA-256 of its bytes (of its model parts, for a diffusers folder).
 Loading it over another base model is refused.
 """
 
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from ctxdiff.checkpoints import load_bundle, load_module_state, save_bundle
+from ctxdiff.data.png import to_uint8
 from ctxdiff.diffusion import make_schedule
 from ctxdiff.diffusion.schedule import Schedule
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipEncoders
 from ctxdiff.models.inflate import InflateConfig, VideoUNet
-from ctxdiff.data.png import to_uint8
 from ctxdiff.models.video_adapter import VideoAdapter, VideoAdapterConfig
 from ctxdiff.pipelines.text2image import DEFAULT_MODEL, Text2Image
 from ctxdiff.recipes import DiffusionConfig, from_dict
@@ -99,6 +99,7 @@ class VideoDenoiser:
     tuned_on: dict | None           # the tuned file's prompt, video, frames, stride and start
     adapter_ref: ModelRef | None = None   # the adapter file the adapter came from (None: the base model's)
     backbone = "pixel"              # what a tuned file records ("pixel" or "sd")
+    clamp_x0 = True                 # x0_hat lies in [-1, 1] (pixels; latents are not clamped)
     first_token_column = 1          # cross-attention column of the start token (pixel U-Nets: after a null key)
 
     @property
@@ -157,7 +158,7 @@ class VideoDenoiser:
             if on_call is not None:
                 on_call(int(t.reshape(-1)[0]))
             x0 = self._predict(x, cond, t, frames)
-            return x0.clamp(-1, 1) if clamp and self.backbone == "pixel" else x0
+            return x0.clamp(-1, 1) if clamp and self.clamp_x0 else x0
 
         return predict
 
