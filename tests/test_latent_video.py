@@ -21,18 +21,11 @@ from ctxdiff.pipelines.latent_video import LatentVideoModel
 from ctxdiff.pipelines.video_edit import InversionParams, invert_video, read_source, reconstruct
 from ctxdiff.pipelines.video_model import TUNED_KIND, load_video_model
 from ctxdiff.recipes import SampleConfig
+from helpers import perturbed
 from tiny_sd import TINY_SD, tiny_sd_models
 
 FRAMES = 4
 SRC, TGT = "a red circle moving to the right", "a blue circle moving to the right"
-
-
-def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,9 @@ from ctxdiff.models.unet import UNET_PRESETS, UNet
 from ctxdiff.models.video_adapter import VideoAdapter
 from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
                                                  blend_mask, map_key)
+from helpers import perturbed
 
 FRAMES = 5
-
-
-def perturbed(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
-    """Move every weight off its initialisation, so zero-initialised branches do something."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
 
 
 def unet_2d(**changes) -> UNet:
