@@ -404,10 +404,14 @@ class DataConfig:
     caption_key: str = "txt"  # caption field of manifests and shards
     num_frames: int = 8  # video clips; Tab. 8: 8-24
     frame_stride: int = 2  # take every n-th source frame; Tab. 8 "sampling rate": 2
+    hard_negatives: bool = False  # shapes, train.stage clip: every scene comes with a twin that differs
+                                  # in one stated attribute (a batch holds 2 x batch_size pairs)
 
     def __post_init__(self) -> None:
         _check(bool(self.source.strip()), "source must not be empty")
         _check(bool(self.caption_key), "caption_key must not be empty")
+        _check(not self.hard_negatives or self.source == "shapes",
+               f"hard_negatives needs source 'shapes' (it draws each scene's twin), not '{self.source}'")
         for name in ("image_size", "shapes_count", "num_frames", "frame_stride"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")

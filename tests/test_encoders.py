@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 
 import pytest
 import safetensors.torch
@@ -16,7 +17,9 @@ from ctxdiff.models.encoders import (
     load_clip,
     save_clip,
 )
-from ctxdiff.training.clip import retrieval_top1, train_clip
+from ctxdiff.recipes import from_dict
+from ctxdiff.training.clip import ClipTrainer, _batches, retrieval_top1, twin_accuracy
+from ctxdiff.training.recipe import Recipe
 
 TINY = ClipConfig(arch="tiny-clip")
 
@@ -157,6 +160,40 @@ def test_clip_bundle_brings_its_own_arch_and_loads_identically(tiny, tmp_path):
     assert torch.equal(loaded.text_features(["a red square"]), tiny.text_features(["a red square"]))
 
 
+def test_word_tokens_append_each_tokens_input_embedding_and_survive_a_bundle(tiny, tmp_path):
+    path = save_clip(tmp_path / "clip.safetensors", tiny)
+    words = load_clip(ClipConfig(weights=str(path), word_tokens=True))
+    assert words.config.word_tokens and words.text_dim == 2 * tiny.text_dim
+    prompts = ["a red circle on the left", "a red square on the left"]
+    plain, both = tiny.encode_text(prompts), words.encode_text(prompts)
+    width = tiny.text_dim
+    assert both.tokens.shape[-1] == 2 * width and torch.equal(both.mask, plain.mask)
+    assert torch.allclose(both.tokens[..., :width], plain.tokens) and torch.allclose(both.pooled, plain.pooled)
+    embedded = both.tokens[..., width:]
+    assert torch.allclose(embedded.mean(-1), torch.zeros(()), atol=1e-5)     # layer-normalised
+    assert torch.allclose(embedded.var(-1, unbiased=False), torch.ones(()), atol=0.05)   # eps 1e-5 of ~4e-4
+    moved = (embedded[1] - embedded[0]).norm(dim=-1)
+    assert moved.argmax() == 3 and (moved > 1e-6).sum() == 1   # only "circle" -> "square" (after the start token)
+
+
+def test_twin_accuracy_scores_texts_and_images_in_their_own_direction():
+    class Table:   # fixed embeddings: captions by name, images are their own embeddings
+        mean = torch.zeros(1)
+        text = {"a": [2.0, 1.0], "a'": [3.0, 4.0], "b": [1.0, 0.0], "b'": [0.0, 1.0]}
+
+        def text_features(self, captions):
+            return torch.tensor([self.text[c] for c in captions])
+
+        def image_features(self, images):
+            return images
+
+    eye = torch.eye(2)
+    # pair a: similarity [[2, 1], [3, 4]] (caption x image): each caption picks its image, but image
+    # a is closer to caption a' (3 > 2); pair b: identity, right both ways.
+    scores = twin_accuracy(Table(), eye[[0, 0]], eye[[1, 1]], ["a", "b"], ["a'", "b'"])
+    assert scores == {"text": 1.0, "image": 0.5}
+
+
 def test_state_dict_with_wrong_keys_names_them(tiny, tmp_path):
     state = dict(tiny.clip.state_dict())
     state["visual.extra_head.weight"] = torch.zeros(2)
@@ -193,14 +230,56 @@ def _colour_squares(n: int, seed: int) -> list[tuple[torch.Tensor, str]]:
     return pairs
 
 
-def test_contrastive_training_lifts_retrieval_well_above_chance():
+def clip_recipe(output, **train) -> Recipe:
+    return from_dict(Recipe, {"output": str(output), "model": {"clip": {"arch": "tiny-clip"}},
+                              "data": {"source": "shapes", "image_size": 16, "shapes_count": 64, "hard_negatives": True},
+                              "train": {"stage": "clip", "steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+                                        "checkpoint_every": 2, "sample_every": 0, "log_every": 1, **train}})
+
+
+def test_contrastive_training_lifts_retrieval_well_above_chance(tmp_path):
     held_out = _colour_squares(200, seed=1)
     images, captions = torch.stack([i for i, _ in held_out]), [c for _, c in held_out]
     losses = []
-    encoders = train_clip(TINY, _colour_squares(512, seed=0), steps=20, batch_size=32, lr=3e-3,
-                          warmup=5, callback=lambda loss, **_: losses.append(loss))
+    trainer = ClipTrainer(clip_recipe(tmp_path, steps=20, batch_size=32, warmup_steps=5), data=_colour_squares(512, seed=0),
+                          on_step=lambda record: losses.append(record["loss"]))
+    assert not trainer.run().interrupted
+    encoders = trainer.trained()
     scores = retrieval_top1(encoders, images, captions)
     assert scores["chance"] == pytest.approx(1 / 8, abs=0.03)
     assert scores["text_to_image"] > 0.5 and scores["image_to_text"] > 0.5, scores  # chance: 1/8
     assert sum(losses[-10:]) < sum(losses[:10])
     assert not encoders.training and not any(p.requires_grad for p in encoders.parameters())
+    assert torch.equal(load_clip(ClipConfig(weights=str(tmp_path / "clip.safetensors"))).text_features(["a red square"]),
+                       encoders.text_features(["a red square"]))
+
+
+def test_clip_training_resumes_exactly_with_scenes_and_their_twins(tmp_path):
+    full = ClipTrainer(clip_recipe(tmp_path / "full"))
+    full.run()
+    part = ClipTrainer(clip_recipe(tmp_path / "part"))
+    result = part.run(should_stop=lambda: part.step >= 3)
+    assert result.interrupted and result.step == 3
+    resumed = ClipTrainer(clip_recipe(tmp_path / "part"), resume=True)
+    assert resumed.step == 3 and not resumed.run().interrupted
+    for (name, a), (_, b) in zip(full.encoders.state_dict().items(), resumed.encoders.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CtxdiffError, match="already holds a run"):
+        ClipTrainer(clip_recipe(tmp_path / "full"))
+    recipe = clip_recipe(tmp_path / "part")
+    with pytest.raises(CtxdiffError, match="another CLIP or data"):
+        ClipTrainer(replace(recipe, data=replace(recipe.data, shapes_count=65)), resume=True)
+
+
+def test_clip_batches_hold_each_scene_with_its_twin(tmp_path):
+    dataset = ClipTrainer(clip_recipe(tmp_path)).dataset
+    images, captions = next(_batches(dataset, 4, 0, 0))
+    assert images.shape == (8, 3, 16, 16) and len(captions) == 8
+    pairs = [dataset.world.scene_and_twin(i)[:2] for i in range(64)]
+    twins = {scene.caption: twin.caption for scene, twin in pairs}
+    assert all(twins[captions[k]] == captions[k + 1] for k in range(0, 8, 2))
+    later = next(_batches(dataset, 4, 0, 5))          # resuming at step 5 gives step 5's batch
+    stream = _batches(dataset, 4, 0, 0)
+    for _ in range(5):
+        next(stream)
+    assert next(stream)[1] == later[1]

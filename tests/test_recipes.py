@@ -18,6 +18,7 @@ from ctxdiff.recipes import (
     load_recipe,
     to_dict,
 )
+from ctxdiff.training.recipe import Recipe as TrainingRecipe
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,15 @@ def test_post_init_value_error_becomes_usage_error_at_field_path():
         from_dict(Recipe, {"diffusion": {"cond_drop_prob": 1.0}})
     with pytest.raises(UsageError, match=r"^sample\.eta must be >= 0"):
         from_dict(Recipe, {"sample": {"eta": -0.1}})
+
+
+def test_hard_negatives_are_refused_outside_shapes_clip_training():
+    clip = {"source": "shapes", "hard_negatives": True}
+    assert from_dict(TrainingRecipe, {"data": clip, "train": {"stage": "clip"}}).data.hard_negatives
+    with pytest.raises(UsageError, match=r"data\.hard_negatives is for contrastive CLIP training"):
+        from_dict(TrainingRecipe, {"data": clip, "train": {"stage": "base"}})
+    with pytest.raises(UsageError, match=r"^data\.hard_negatives needs source 'shapes'.*not 'pics'"):
+        from_dict(TrainingRecipe, {"data": {"source": "pics", "hard_negatives": True}, "train": {"stage": "clip"}})
 
 
 def test_overrides_set_nested_keys_with_yaml_values():

@@ -13,7 +13,7 @@ from PIL import Image
 import ctxdiff.cli.shapes  # noqa: F401  (registers `ctxdiff shapes`)
 from ctxdiff.cli import main
 from ctxdiff.data.shapes import (BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPES, ShapesDataset, ShapesWorld,
-                                 held_out_prompts, moving_shape_video, parse_caption, render_scene,
+                                 ShapeTwinsDataset, held_out_prompts, moving_shape_video, parse_caption, render_scene,
                                  scene_from_caption, write_samples)
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.metrics.shapes_judge import judge, judge_many, judge_video
@@ -105,6 +105,43 @@ def test_dataset_gives_chw_floats_in_minus_one_to_one_with_captions():
     assert x.min() >= -1 and x.max() <= 1 and caption == ShapesWorld(seed=2).scene(3).caption
     with pytest.raises(IndexError):
         dataset[4]
+
+
+def _differences(a, b) -> set[str]:
+    """Which stated attributes of two scene specs differ ('binding': the shapes changed places)."""
+    shapes = [o.shape for o in a.objects]
+    if len(shapes) == 2 and shapes[0] != shapes[1] and [o.shape for o in b.objects] == shapes[::-1] \
+            and [o.colour for o in a.objects] == [o.colour for o in b.objects]:
+        swapped = tuple(dataclasses.replace(o, shape=s) for o, s in zip(a.objects, shapes[::-1]))
+        return {"binding"} | _differences(dataclasses.replace(a, objects=swapped), b)
+    changed = {name for name in ("position", "relation", "background") if getattr(a, name) != getattr(b, name)}
+    for x, y in zip(a.objects, b.objects):
+        changed |= {name for name in ("colour", "shape", "size") if getattr(x, name) != getattr(y, name)}
+    return changed
+
+
+def test_twin_differs_in_the_named_attribute_only_and_the_judge_tells_them_apart():
+    world = ShapesWorld(seed=6, image_size=32)
+    seen = set()
+    for index in range(200):
+        scene, twin, attribute = world.scene_and_twin(index)
+        assert scene == world.scene(index)
+        assert _differences(parse_caption(scene.caption), parse_caption(twin.caption)) == {attribute}
+        if attribute in ("colour", "shape", "background"):   # unstated placement comes from the same stream
+            assert [(o.cx, o.cy) for o in twin.objects] == [(o.cx, o.cy) for o in scene.objects]
+        assert judge(world.render(twin), twin.caption).all_correct
+        wrong = judge(world.render(scene), twin.caption).attributes()
+        assert False in ([wrong["shape"]] if attribute == "binding" else [wrong[attribute]]), (attribute, wrong)
+        seen.add(attribute)
+    assert seen == {"colour", "shape", "size", "position", "relation", "background", "binding"}
+
+
+def test_twins_dataset_gives_a_scene_and_its_twin_as_one_group():
+    world = ShapesWorld(seed=2, image_size=16)
+    x, captions = ShapeTwinsDataset(world, count=3)[1]
+    scene, twin, _ = world.scene_and_twin(1)
+    assert x.shape == (2, 3, 16, 16) and captions == [scene.caption, twin.caption]
+    assert torch.equal(x[0], ShapesDataset(world, count=3)[1][0])
 
 
 def test_held_out_prompts_have_the_asked_number_of_objects_and_come_from_a_new_stream():

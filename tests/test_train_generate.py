@@ -17,6 +17,7 @@ from ctxdiff.checkpoints import latest_checkpoint, load_bundle
 from ctxdiff.cli import main
 from ctxdiff.data.png import read_png_metadata
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import DenoisingObjective, Trainer
 
@@ -88,6 +89,48 @@ def test_folder_dataset_skips_and_counts_bad_pairs(tiny_recipe, tmp_path):
     trainer = Trainer(read_recipe(tiny_recipe(), [f"data.source={folder}"]), torch.device("cpu"))
     assert len(trainer.dataset) == 3
     assert trainer.dataset.skipped == {"without caption": 1, "unreadable": 1}
+
+
+@pytest.mark.parametrize("override,key,width", [("model.unet.text_dim=24", "model.unet.text_dim", 32),
+                                                ("model.adapter.text_dim=24", "model.adapter.text_dim", 32),
+                                                ("model.clip.word_tokens=true", "model.unet.text_dim", 64)])
+def test_text_widths_that_are_not_the_clips_are_refused_naming_the_key(tiny_recipe, override, key, width):
+    with pytest.raises(CtxdiffError, match=rf"^{key} is \d+, but the CLIP 'tiny-clip' .* width {width}.*set {key}: {width}$"):
+        Trainer(read_recipe(tiny_recipe("widths"), [override]), torch.device("cpu"))
+
+
+def test_word_tokens_train_and_generate_through_the_cli(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe("words")
+    widths = ["model.clip.word_tokens=true", "model.unet.text_dim=64", "model.adapter.text_dim=64"]
+    _, result = trained(recipe, [*widths, "train.steps=2"])
+    assert Text2Image.from_bundle(result.model_path).clip.config.word_tokens   # the bundle keeps it
+    out = tmp_path / "out"
+    assert main(["generate", "a red circle", "--model", str(result.model_path), "--steps", "2", "--out", str(out)]) == 0
+    [image] = out.glob("*.png")
+    assert Image.open(image).size == (16, 16)
+
+
+CLIP_RECIPE = """
+output: {output}
+model: {{clip: {{arch: tiny-clip}}}}
+data: {{source: shapes, image_size: 16, shapes_count: 64, hard_negatives: true}}
+train: {{stage: clip, steps: 4, batch_size: 4, warmup_steps: 1, checkpoint_every: 2, sample_every: 0}}
+"""
+
+
+def test_clip_stage_trains_on_twins_scores_them_and_refuses_to_start_over(tmp_path, capsys):
+    recipe = tmp_path / "clip.yaml"
+    recipe.write_text(CLIP_RECIPE.format(output=tmp_path / "clip"))
+    assert main(["--json", "train", "--recipe", str(recipe)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scores = json.loads((tmp_path / "clip" / "clip-eval.json").read_text())
+    assert summary["step"] == 4 and 0 <= scores["twin_text/shape"] <= 1 and "text_to_image" in summary
+    assert {k.split("/")[1] for k in scores if k.startswith("twin_image/")} == \
+        {"colour", "shape", "size", "position", "relation", "background", "binding"}
+    written = (tmp_path / "clip" / "clip.safetensors").read_bytes()
+    assert main(["train", "--recipe", str(recipe)]) == 1            # a second start would overwrite the run
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "clip" / "clip.safetensors").read_bytes() == written
 
 
 def test_empty_or_captionless_dataset_is_a_clear_error(tiny_recipe, tmp_path, capsys):

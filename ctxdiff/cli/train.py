@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -21,6 +22,7 @@ def train(
     """Train a ContextDiff model (base or super-resolution stage), an adapter over a Stable Diffusion
     checkpoint (a recipe with `latent:`), or the small CLIP, from a recipe."""
     from ctxdiff.recipes import dump_recipe
+    from ctxdiff.training.clip import ClipTrainer
     from ctxdiff.training.recipe import read_recipe
 
     resolved = read_recipe(recipe, set_ or [])
@@ -28,11 +30,10 @@ def train(
         typer.echo(dump_recipe(resolved), nl=False)
         return
     device = pick_device()
-    if resolved.train.stage == "clip" and resolved.latent is None:
-        _train_clip(resolved, device)
-        return
     if resolved.latent is not None:
         from ctxdiff.training.latent_adapter import LatentAdapterTrainer as Trainer
+    elif resolved.train.stage == "clip":
+        Trainer = ClipTrainer
     else:
         from ctxdiff.training.trainer import Trainer
 
@@ -49,43 +50,26 @@ def train(
             result = trainer.run(should_stop=stop)
     summary = {"step": result.step, "loss": result.loss, "model": str(result.model_path),
                "checkpoints": str(trainer.ckpt_dir), "interrupted": result.interrupted}
-    emit_json(summary)
     if result.interrupted:
+        emit_json(summary)
         info(f"interrupted at step {result.step}; checkpoint saved. Continue with: "
              f"ctxdiff train --recipe {recipe} --resume")
         raise typer.Exit(130)
+    scores = _clip_eval(resolved, trainer.trained()) if isinstance(trainer, ClipTrainer) else {}
+    emit_json(summary | scores)
     if not options().json:
         print_table("training finished", ["step", "loss", "model"], [[result.step, result.loss, result.model_path]])
+        if scores:
+            print_table("held-out CLIP scores", ["metric", "value"], [[k, v] for k, v in scores.items()])
 
 
-def _train_clip(recipe, device) -> None:
-    """Contrastive CLIP training (train.stage: clip); writes <output>/clip.safetensors."""
-    from ctxdiff.data.datasets import open_dataset
-    from ctxdiff.data.shapes import ShapesDataset, ShapesWorld
-    from ctxdiff.models.encoders import save_clip
-    from ctxdiff.training.clip import retrieval_top1, train_clip
+def _clip_eval(recipe, encoders) -> dict:
+    """Held-out scores of a trained shapes CLIP, also written to <output>/clip-eval.json."""
+    from ctxdiff.data.shapes import ShapesWorld
+    from ctxdiff.training.clip import shapes_scores
 
-    import torch
-
-    size = recipe.data.image_size
-    data = open_dataset(recipe.data.source, size, caption_key=recipe.data.caption_key,
-                        shapes_count=recipe.data.shapes_count, shapes_seed=recipe.data.shapes_seed)
-    out = Path(recipe.output)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = recipe.train
-    with progress_bar("train clip", cfg.steps, ("loss",)) as bar:
-        encoders = train_clip(recipe.model.clip, data, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                              weight_decay=cfg.weight_decay, warmup=cfg.warmup_steps, seed=cfg.seed,
-                              precision=cfg.precision, device=device,
-                              callback=lambda **s: bar.advance(loss=s["loss"]))
-    path = save_clip(out / "clip.safetensors", encoders)
-    held_out = ShapesDataset(ShapesWorld(seed=recipe.data.shapes_seed + 1, image_size=size), 500) \
-        if recipe.data.source == "shapes" else None
-    result = {"model": str(path)}
-    if held_out is not None:
-        pairs = [held_out[i] for i in range(len(held_out))]
-        scores = retrieval_top1(encoders, torch.stack([x for x, _ in pairs]).to(device), [c for _, c in pairs])
-        result.update(scores)
-    (out / "clip-eval.json").write_text(__import__("json").dumps(result, indent=2))
-    emit_json(result)
-    print_table("clip training finished", list(result), [list(result.values())])
+    if recipe.data.source != "shapes":
+        return {}
+    result = shapes_scores(encoders, ShapesWorld(seed=recipe.data.shapes_seed + 1, image_size=recipe.data.image_size))
+    (Path(recipe.output) / "clip-eval.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -149,12 +149,14 @@ class ShardStream:
 
 
 def open_dataset(source: str, size: int, *, caption_key: str = "txt", shapes_count: int = 10_000,
-                 shapes_seed: int = 0):
-    """The dataset a recipe's `data.source` names: 'shapes', a folder, a manifest, or shards."""
+                 shapes_seed: int = 0, hard_negatives: bool = False):
+    """The dataset a recipe's `data.source` names: 'shapes' (`hard_negatives`: scenes with their
+    twins), a folder, a manifest, or shards."""
     if source == "shapes":
-        from ctxdiff.data.shapes import ShapesDataset, ShapesWorld
+        from ctxdiff.data.shapes import ShapesDataset, ShapesWorld, ShapeTwinsDataset
 
-        return ShapesDataset(ShapesWorld(seed=shapes_seed, image_size=size), shapes_count)
+        dataset = ShapeTwinsDataset if hard_negatives else ShapesDataset
+        return dataset(ShapesWorld(seed=shapes_seed, image_size=size), shapes_count)
     if source.endswith(".tar") or "{" in source:
         return ShardStream(source, size, caption_key)
     path = Path(source)
@@ -166,6 +168,14 @@ def open_dataset(source: str, size: int, *, caption_key: str = "txt", shapes_cou
         raise CtxdiffError(f"{source}: no such dataset; data.source takes 'shapes', a folder of images "
                            "with .txt captions, a .jsonl/.csv manifest, or webdataset shards ('x/{0000..0009}.tar')")
     raise CtxdiffError(f"{source}: not a dataset ctxdiff reads (a folder, .jsonl, .csv or .tar shards)")
+
+
+def collate(items: list) -> tuple[torch.Tensor, list[str]]:
+    """(images [N, 3, H, W], N captions) of (image, caption) pairs, or of groups (images
+    [G, 3, H, W], G captions: a scene and its hard negatives), which stay together."""
+    groups = [(images, captions) if isinstance(captions, list) else (images[None], [captions])
+              for images, captions in items]
+    return torch.cat([images for images, _ in groups]), [c for _, captions in groups for c in captions]
 
 
 def batch_indices(length: int, seed: int, step: int, batch_size: int) -> list[int]:

@@ -65,7 +65,7 @@ SUPERSAMPLE = 4        # coverage samples per pixel side
 P_SIZE, P_POSITION, P_BACKGROUND, P_RELATION = 0.5, 0.6, 0.4, 0.85
 
 # Salts keep the random streams of scenes, held-out prompts and videos apart.
-_SCENE, _PROMPTS, _VIDEO, _FROM_CAPTION = 0, 1, 2, 3
+_SCENE, _PROMPTS, _VIDEO, _FROM_CAPTION, _TWIN = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -307,6 +307,41 @@ def sample_spec(rng: np.random.Generator, two_objects: bool, moving: bool = Fals
     return SceneSpec(objects, position, relation, background if rng.random() < P_BACKGROUND else None, motion)
 
 
+_OPPOSITE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def counterfactual(spec: SceneSpec, rng: np.random.Generator) -> tuple[SceneSpec, str]:
+    """`spec` with one stated attribute changed, and that attribute's name: an object's colour,
+    shape or stated size, the position, the relation (to its opposite: "above" and "left of" can
+    both hold), the stated background, or (two objects of
+    different shapes) which shape goes with which colour ("binding"); the attribute is picked
+    uniformly among those `spec` can change, then the object. Its scene is a hard negative for contrastive training: a caption the
+    text encoder can tell from the original by that one attribute only."""
+    objects, taken = list(spec.objects), {o.colour for o in spec.objects} | {spec.background}
+    alternatives = {"colour": [c for c in OBJECT_COLOURS if c not in taken], "shape": SHAPES, "size": SIZES,
+                    "position": POSITIONS, "relation": [_OPPOSITE_RELATION.get(spec.relation)],
+                    "background": [c for c in BACKGROUND_COLOURS if c not in taken]}
+    options = [(name, i) for name in ("colour", "shape") for i in range(len(objects))]
+    options += [("size", i) for i, o in enumerate(objects) if o.size is not None]
+    options += [(name, None) for name in ("position", "relation", "background")
+                if getattr(spec, name) is not None and alternatives[name]]
+    if len(objects) == 2 and objects[0].shape != objects[1].shape:
+        options.append(("binding", None))
+    attribute = _choice(rng, dict.fromkeys(name for name, _ in options))
+    i = _choice(rng, [i for name, i in options if name == attribute])
+    if attribute == "binding":
+        a, b = objects
+        objects = [dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)]
+        return dataclasses.replace(spec, objects=tuple(objects)), attribute
+    alternatives = alternatives[attribute]
+    if i is None:
+        value = _choice(rng, [v for v in alternatives if v != getattr(spec, attribute)])
+        return dataclasses.replace(spec, **{attribute: value}), attribute
+    value = _choice(rng, [v for v in alternatives if v != getattr(objects[i], attribute)])
+    objects[i] = dataclasses.replace(objects[i], **{attribute: value})
+    return dataclasses.replace(spec, objects=tuple(objects)), attribute
+
+
 def realise(spec: SceneSpec, rng: np.random.Generator, caption: str | None = None) -> Scene:
     """A scene that satisfies `spec`; what it leaves unstated is drawn from `rng`."""
     colours = {o.colour for o in spec.objects}
@@ -400,7 +435,21 @@ class ShapesWorld:
 
     def scene(self, index: int) -> Scene:
         rng = _rng(self.seed, index, _SCENE)
-        return realise(sample_spec(rng, two_objects=rng.random() < self.two_object_prob), rng)
+        return realise(self._spec(rng), rng)
+
+    def scene_and_twin(self, index: int) -> tuple[Scene, Scene, str]:
+        """scene(index), its twin (the `counterfactual` scene: one stated attribute changed, the
+        rest drawn from the same random stream) and the name of the changed attribute."""
+        rng = _rng(self.seed, index, _SCENE)
+        spec = self._spec(rng)
+        twin_spec, attribute = counterfactual(spec, _rng(self.seed, index, _TWIN))
+        state = rng.bit_generator.state
+        scene = realise(spec, rng)
+        rng.bit_generator.state = state
+        return scene, realise(twin_spec, rng), attribute
+
+    def _spec(self, rng: np.random.Generator) -> SceneSpec:
+        return sample_spec(rng, two_objects=rng.random() < self.two_object_prob)
 
     def render(self, scene: Scene, size: int | None = None) -> np.ndarray:
         return render_scene(scene, size or self.image_size)
@@ -428,6 +477,19 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} outside a dataset of {self.count}")
         image, caption = self.world.sample(index)
         return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1, caption
+
+
+class ShapeTwinsDataset(ShapesDataset):
+    """The first `count` scenes of a world, each with its twin (`ShapesWorld.scene_and_twin`):
+    (float [2, 3, H, W] in [-1, 1], [caption, twin caption]), a group contrastive training keeps
+    in one batch so that the two captions must be told apart by the attribute they differ in."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]]:
+        if not 0 <= index < self.count:
+            raise IndexError(f"index {index} outside a dataset of {self.count}")
+        scenes = self.world.scene_and_twin(index)[:2]
+        images = np.stack([self.world.render(scene) for scene in scenes])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, [s.caption for s in scenes]
 
 
 def scene_from_caption(text: str, seed: int = 0) -> Scene:

@@ -57,6 +57,8 @@ class ClipConfig:
                                            # "ViT-B-32-quickgelu"), or a CUSTOM_ARCHS key
     weights: str | None = None             # local file, or open_clip pretrained tag ("openai"); None: random
     context_length: int | None = None      # None: the architecture's own (77 for OpenAI CLIPs)
+    word_tokens: bool = False              # cross-attention tokens also carry each token's input word
+                                           # embedding (text_dim doubles): see ClipEncoders.encode_text
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -86,7 +88,8 @@ class ClipEncoders(nn.Module):
 
     @property
     def text_dim(self) -> int:
-        return self.clip.transformer.width
+        """Width of `encode_text(...).tokens`."""
+        return self.clip.transformer.width * (2 if self.config.word_tokens else 1)
 
     @property
     def image_dim(self) -> int:
@@ -120,19 +123,30 @@ class ClipEncoders(nn.Module):
 
     def encode_text(self, prompts: list[str]) -> TextCondition:
         """tokens [B, L, text_dim] after ln_final, mask True up to and including EOT,
-        pooled [B, embed_dim] the un-normalised projected text embedding."""
+        pooled [B, embed_dim] the un-normalised projected text embedding.
+
+        With `config.word_tokens`, each token's features are followed by its input embedding
+        (word + position, layer-normalised without gain): the words themselves, for a small CLIP
+        whose contrastive training left some of them (shape, position words) barely apart in its
+        output states, which then carry little of what a caption says."""
         ids = self.tokenize(prompts)
         tokens, pooled = self._text_tower(ids)
+        if self.config.word_tokens:
+            tokens = torch.cat([tokens, F.layer_norm(self._text_input(ids), tokens.shape[-1:])], dim=-1)
         eot = (ids == _tokenizer().eot_token_id).int().argmax(dim=1, keepdim=True)
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot
         return TextCondition(tokens=tokens, mask=mask, pooled=pooled)
 
+    def _text_input(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text transformer's input: token plus position embeddings of ids [B, n <= L]."""
+        clip = self.clip
+        cast_dtype = clip.transformer.get_cast_dtype()
+        return clip.token_embedding(ids).to(cast_dtype) + clip.positional_embedding[:ids.shape[1]].to(cast_dtype)
+
     def _text_tower(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token features after ln_final, projected EOT feature) of token ids [B, n <= L]."""
         clip, n = self.clip, ids.shape[1]
-        cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(ids).to(cast_dtype) + clip.positional_embedding[:n].to(cast_dtype)
-        tokens = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+        tokens = clip.ln_final(clip.transformer(self._text_input(ids), attn_mask=clip.attn_mask[:n, :n]))
         pooled = text_global_pool(tokens, ids, clip.text_pool_type, eos_token_id=clip.text_eos_id)
         projection = clip.text_projection
         return tokens, projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
@@ -175,7 +189,7 @@ def load_clip(config: ClipConfig, device: str | torch.device = "cpu", *, trainab
         bundle = _read_clip_bundle(path)
         if bundle is not None:
             bundle_config, state = bundle
-            config = replace(bundle_config, weights=config.weights)
+            config = replace(config, arch=bundle_config.arch, context_length=bundle_config.context_length)
         else:
             state, tag_cfg = read_state_dict(path), _tag_cfg(config)
     model_cfg = _model_cfg(config.arch)

@@ -1,58 +1,116 @@
-"""Contrastive training of a small CLIP (open_clip's ClipLoss, learnable logit scale) and
-held-out retrieval accuracy, for the shapes world or any (image, caption) data."""
+"""`ctxdiff train` with `train.stage: clip`: contrastive training of a small CLIP (open_clip's
+ClipLoss, learnable logit scale), and held-out retrieval and twin accuracy, for the shapes world
+or any (image, caption) data.
+
+Exact resume: the model's initialisation comes from the seed, the batch order is replayed from
+the seed (epochs are permutations drawn from one generator; a stream is re-read from its start),
+and a checkpoint holds the model, optimizer, LR schedule and step.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
 
+from ctxdiff.checkpoints import latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state, \
+    training_state_path
+from ctxdiff.data.datasets import collate, open_dataset
+from ctxdiff.data.shapes import ShapesWorld
 from ctxdiff.errors import CtxdiffError, UsageError
-from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
+from ctxdiff.models.encoders import ClipEncoders, load_clip, save_clip
+from ctxdiff.recipes import to_dict
+from ctxdiff.training.recipe import Recipe
+from ctxdiff.training.trainer import TrainLoop, check_run_folder
 
 PRECISIONS = ("fp32", "bf16")
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp on the learned temperature
 
 
-def train_clip(config: ClipConfig, images_and_captions: Iterable, *, steps: int, batch_size: int = 128,
-               lr: float = 5e-4, weight_decay: float = 0.1, warmup: int = 100, seed: int = 0,
-               precision: str = "fp32", device: str | torch.device = "cpu",
-               callback: Callable | None = None) -> ClipEncoders:
-    """Train the CLIP of `config` (from its weights, or from scratch) with AdamW and a cosine
-    schedule after linear warm-up; returns it frozen, in eval mode.
-
-    `images_and_captions` yields (image [3, H, W] in [-1, 1], caption); a Dataset with `len` is
-    reshuffled every epoch, any other iterable is re-iterated. Images go through
-    `ClipEncoders.image_features`, the same resize and normalisation as `encode_image`.
-    `callback(step=, loss=, lr=, logit_scale=)` runs after each step.
+class ClipTrainer(TrainLoop):
+    """One CLIP training run: AdamW (betas 0.9/0.98, eps 1e-6, open_clip's weight-decay split; no
+    gradient clipping, as open_clip) with a cosine schedule after linear warm-up. The model is
+    `recipe.model.clip` (from its weights, or from scratch); `data` replaces the recipe's dataset
+    ((image [3, H, W] in [-1, 1], caption) pairs, or groups (images [G, 3, H, W], G captions) kept
+    in one batch: hard negatives, a batch then holds G x batch_size pairs). Writes
+    <output>/clip.safetensors (a ctxdiff "clip" bundle) at every checkpoint and at the end.
     """
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    torch.manual_seed(seed)
-    encoders = load_clip(config, device, trainable=True)
-    optimizer = torch.optim.AdamW(_param_groups(encoders, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
-                                  fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warmup, steps))
-    loss_fn, logit_scale = ClipLoss(), encoders.clip.logit_scale
-    batches = _batches(images_and_captions, batch_size, torch.Generator().manual_seed(seed))
-    device_type = torch.device(device).type
-    for step in range(steps):
-        images, captions = next(batches)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn(encoders.image_features(images.to(device)), encoders.text_features(captions),
-                           logit_scale.exp())
-        optimizer.zero_grad(set_to_none=True)
+
+    ema = None
+
+    def __init__(self, recipe: Recipe, device: torch.device | str = "cpu", resume: bool = False,
+                 on_step: Callable[[dict], None] | None = None, log: Callable[[str], None] = lambda _: None,
+                 data: Iterable | None = None) -> None:
+        cfg = recipe.train
+        if cfg.precision not in PRECISIONS:
+            raise UsageError(f"train.precision '{cfg.precision}' is not one of {', '.join(PRECISIONS)} for CLIP training")
+        self.recipe, self.device, self.on_step, self.log = recipe, torch.device(device), on_step, log
+        self.out = Path(recipe.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.model_path = self.out / "clip.safetensors"
+        check_run_folder(self.out, self.ckpt_dir, resume)
+        torch.manual_seed(cfg.seed)
+        self.encoders = load_clip(recipe.model.clip, self.device, trainable=True)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.encoders, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(0.9, 0.98), eps=1e-6, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _warmup_cosine(step, cfg.warmup_steps, cfg.steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.loss_fn = ClipLoss()
+        d = recipe.data
+        self.dataset = data if data is not None else open_dataset(
+            d.source, d.image_size, caption_key=d.caption_key, shapes_count=d.shapes_count, shapes_seed=d.shapes_seed,
+            hard_negatives=d.hard_negatives)
+        self.step = 0
+        if resume:
+            self._load_latest()
+        self._batches: Iterator | None = None
+
+    def train_step(self) -> float:
+        cfg = self.recipe.train
+        if self._batches is None:
+            self._batches = _batches(self.dataset, cfg.batch_size, cfg.seed, self.step)
+        images, captions = next(self._batches)
+        logit_scale = self.encoders.clip.logit_scale
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = self.loss_fn(self.encoders.image_features(images.to(self.device)),
+                                self.encoders.text_features(captions), logit_scale.exp())
+        self.check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        schedule.step()
+        self.optimizer.step()
+        self.scheduler.step()
         with torch.no_grad():
             logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        if callback is not None:
-            callback(step=step, loss=loss.item(), lr=schedule.get_last_lr()[0], logit_scale=logit_scale.exp().item())
-    encoders.requires_grad_(False)
-    return encoders.eval()
+        self.step += 1
+        return loss.item()
+
+    def preview(self) -> None:
+        """A CLIP has no samples to show while it trains (its held-out scores come at the end)."""
+
+    def save_checkpoint(self) -> Path:
+        state = {"clip": self.encoders.clip.state_dict(), **self.loop_state()}
+        path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
+        rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
+        save_clip(self.model_path, self.encoders)
+        return path
+
+    def trained(self) -> ClipEncoders:
+        """The CLIP, frozen and in eval mode."""
+        return self.encoders.requires_grad_(False).eval()
+
+    def _load_latest(self) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        state = load_training_state(path)
+        recipe = state.get("recipe") or {}
+        if (recipe.get("model"), recipe.get("data")) != (to_dict(self.recipe.model), to_dict(self.recipe.data)):
+            raise CtxdiffError(f"{path}: this checkpoint was trained with another CLIP or data; resume with the "
+                               "recipe that started the run")
+        self.encoders.clip.load_state_dict(state["clip"])
+        self.restore_loop_state(state, path)
 
 
 @torch.no_grad()
@@ -81,6 +139,39 @@ def retrieval_top1(encoders: ClipEncoders, images: torch.Tensor, captions: list[
             "chance": same.float().mean().item()}
 
 
+@torch.no_grad()
+def twin_accuracy(encoders: ClipEncoders, images: torch.Tensor, twin_images: torch.Tensor, captions: list[str],
+                  twin_captions: list[str]) -> dict[str, float]:
+    """How often a CLIP tells a scene from its twin (one attribute changed), Winoground-style:
+    text: each caption is closer to its own image than to the twin's; image: each image is closer
+    to its own caption than to the twin's (both directions of a pair must be right)."""
+    device = encoders.mean.device
+    image_emb = torch.stack([encoders.image_features(x.to(device)) for x in (images, twin_images)])
+    text_emb = torch.stack([encoders.text_features(c) for c in (captions, twin_captions)])
+    similarity = torch.einsum("tnd,ind->tin", text_emb, image_emb)   # [caption of, image of, pair]
+    text = (similarity[0, 0] > similarity[0, 1]) & (similarity[1, 1] > similarity[1, 0])
+    image = (similarity[0, 0] > similarity[1, 0]) & (similarity[1, 1] > similarity[0, 1])
+    return {"text": text.float().mean().item(), "image": image.float().mean().item()}
+
+
+def shapes_scores(encoders: ClipEncoders, world: ShapesWorld, n: int = 500) -> dict[str, float]:
+    """Top-1 retrieval over the first n scenes of a (held-out) shapes world, and how often the CLIP
+    tells each scene from its twin, per changed attribute (`twin_text/<attribute>`, `twin_image/...`)."""
+    def pixels(scenes) -> torch.Tensor:
+        images = torch.stack([torch.from_numpy(world.render(scene)) for scene in scenes])
+        return (images.permute(0, 3, 1, 2).float() / 127.5 - 1).to(encoders.mean.device)
+
+    scenes, twins, attributes = zip(*(world.scene_and_twin(i) for i in range(n)))
+    images, twin_images = pixels(scenes), pixels(twins)
+    result = retrieval_top1(encoders, images, [scene.caption for scene in scenes])
+    for attribute in sorted(set(attributes)):
+        pick = [i for i, a in enumerate(attributes) if a == attribute]
+        scores = twin_accuracy(encoders, images[pick], twin_images[pick], [scenes[i].caption for i in pick],
+                               [twins[i].caption for i in pick])
+        result |= {f"twin_{direction}/{attribute}": value for direction, value in scores.items()}
+    return result
+
+
 def _param_groups(encoders: ClipEncoders, weight_decay: float) -> list[dict]:
     """open_clip's split: no weight decay on gains, biases, norms and the logit scale."""
     decay, no_decay = [], []
@@ -96,35 +187,38 @@ def _warmup_cosine(step: int, warmup: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _batches(data: Iterable, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless (images [B, 3, H, W], captions) batches: a sized Dataset is reshuffled each
-    epoch, any other iterable is re-iterated in order. Incomplete batches are dropped."""
+def _batches(data: Iterable, batch_size: int, seed: int, start: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (images [B, 3, H, W], captions) batches from step `start` on: a sized Dataset is
+    reshuffled each epoch (permutations from one generator seeded by `seed`), any other iterable
+    is re-iterated in order. Incomplete batches are dropped."""
     if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
-        return _shuffled_batches(data, batch_size, generator)
-    return _streamed_batches(data, batch_size)
+        return _shuffled_batches(data, batch_size, torch.Generator().manual_seed(seed), start)
+    return _streamed_batches(data, batch_size, start)
 
 
-def _shuffled_batches(data, batch_size: int, generator: torch.Generator):
+def _shuffled_batches(data, batch_size: int, generator: torch.Generator, start: int):
     if len(data) < batch_size:
         raise UsageError(f"batch size {batch_size} exceeds the {len(data)} training images")
+    per_epoch = len(data) // batch_size
+    epoch = 0
     while True:
         order = torch.randperm(len(data), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield _collate([data[i] for i in order[start:start + batch_size]])
+        first = max(0, start - epoch * per_epoch)   # resume: skip the batches already trained on
+        for batch in range(first, per_epoch):
+            yield collate([data[i] for i in order[batch * batch_size:(batch + 1) * batch_size]])
+        epoch += 1
 
 
-def _streamed_batches(data: Iterable, batch_size: int):
+def _streamed_batches(data: Iterable, batch_size: int, start: int):
+    step = 0
     while True:
         pending, produced = [], False
         for item in data:
             pending.append(item)
             if len(pending) == batch_size:
-                yield _collate(pending)
-                pending, produced = [], True
+                if step >= start:
+                    yield collate(pending)
+                pending, produced, step = [], True, step + 1
         if not produced:
             raise CtxdiffError(f"the image-caption data gave no full batch of {batch_size}; pass more pairs, "
                                "or a Dataset / re-iterable instead of a one-shot iterator")
-
-
-def _collate(pairs: list) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]

@@ -68,6 +68,10 @@ class Recipe:
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # of <output>/model.safetensors (fp16: shipping)
     latent: LatentConfig | None = None  # set: train an adapter over this SD backbone (<output>/adapter.safetensors)
 
+    def __post_init__(self) -> None:
+        if self.data.hard_negatives and (self.train.stage != "clip" or self.latent is not None):
+            raise ValueError("data.hard_negatives is for contrastive CLIP training (train.stage: clip) only")
+
 
 def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a recipe file with `--set a.b=value` overrides (errors name the dotted key)."""

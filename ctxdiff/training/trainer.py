@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
                                  save_training_state, training_state_path)
-from ctxdiff.data.datasets import ShardStream, batch_indices, open_dataset
+from ctxdiff.data.datasets import ShardStream, batch_indices, collate, open_dataset
 from ctxdiff.data.png import grid, save_png, to_uint8
 from ctxdiff.diffusion import diffusion_loss, make_schedule
 from ctxdiff.errors import CtxdiffError, UsageError
@@ -101,6 +101,22 @@ def _unet_config(recipe: Recipe) -> UNetConfig:
     return replace(config, schedule=d.schedule)
 
 
+def _check_widths(recipe: Recipe, clip) -> None:
+    """The U-Net's and the adapter's text (and image) widths must be the CLIP's: UsageError naming the key."""
+    model = recipe.model
+    widths = [("model.unet.text_dim", model.unet.text_dim, clip.text_dim, "text token"),
+              ("model.unet.pooled_dim", model.unet.pooled_dim, clip.embed_dim, "pooled embedding")]
+    if model.adapter is not None:
+        widths.append(("model.adapter.text_dim", model.adapter.text_dim, clip.text_dim, "text token"))
+        if model.adapter.image_branch == "clip":
+            widths.append(("model.adapter.image_dim", model.adapter.image_dim, clip.image_dim, "image token"))
+    for key, width, expected, what in widths:
+        if width != expected:
+            words = " (word_tokens doubles it)" if clip.config.word_tokens and what == "text token" else ""
+            raise UsageError(f"{key} is {width}, but the CLIP '{clip.config.arch}' gives {what}s of width "
+                             f"{expected}{words}; set {key}: {expected}")
+
+
 class _StepBatches:
     """Batch sampler: the index lists of steps start, start + 1, ... (a pure function of the step)."""
 
@@ -114,13 +130,9 @@ class _StepBatches:
             step += 1
 
 
-def _collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([x for x, _ in items]), [c for _, c in items]
-
-
 def _batched(stream, size: int):
     while True:
-        yield _collate([next(stream) for _ in range(size)])
+        yield collate([next(stream) for _ in range(size)])
 
 
 def batch_stream(dataset, seed: int, start_step: int, batch_size: int, num_workers: int = 0):
@@ -132,7 +144,7 @@ def batch_stream(dataset, seed: int, start_step: int, batch_size: int, num_worke
             next(stream)
         return _batched(stream, batch_size)
     order = _StepBatches(len(dataset), seed, start_step, batch_size)
-    return iter(DataLoader(dataset, batch_sampler=order, num_workers=num_workers, collate_fn=_collate,
+    return iter(DataLoader(dataset, batch_sampler=order, num_workers=num_workers, collate_fn=collate,
                            persistent_workers=False))
 
 
@@ -191,9 +203,9 @@ def _autocast(precision: str, device: torch.device):
 class TrainLoop:
     """The loop every trainer shares: steps, JSONL metrics, previews, checkpoints, a graceful stop.
 
-    A subclass sets recipe, out, ckpt_dir, step, optimizer, scheduler, scaler, model_path, on_step
-    and `writer` (whether this process writes files), and provides train_step, preview and
-    save_checkpoint.
+    A subclass sets recipe, out, ckpt_dir, step, optimizer, scheduler, scaler, ema (None: no EMA),
+    model_path, on_step and `writer` (whether this process writes files), and provides train_step,
+    preview and save_checkpoint.
     """
 
     writer = True
@@ -231,13 +243,14 @@ class TrainLoop:
                                "or use train.precision=fp32")
 
     def loop_state(self) -> dict:
-        """What every checkpoint holds besides the model: EMA, optimizer, LR schedule, scaler, step."""
-        return {"ema": self.ema.shadow.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """What every checkpoint holds besides the model: EMA (None without), optimizer, LR schedule, scaler, step."""
+        return {"ema": None if self.ema is None else self.ema.shadow.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "rng": capture_rng_state(), "recipe": to_dict(self.recipe)}
 
     def restore_loop_state(self, state: dict, path: Path) -> None:
-        self.ema.shadow.load_state_dict(state["ema"])
+        if self.ema is not None:
+            self.ema.shadow.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -287,6 +300,7 @@ class Trainer(TrainLoop):
 
         torch.manual_seed(cfg.seed)  # a CLIP without weights (tests) is random: make it the same on resume
         self.clip = load_clip(recipe.model.clip, self.device)
+        _check_widths(recipe, self.clip)
         unet_cfg = _unet_config(recipe)
         unet = UNet(unet_cfg)
         adapter = build_adapter(recipe.model.adapter, self.clip) if recipe.model.adapter is not None else None
