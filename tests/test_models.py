@@ -87,6 +87,26 @@ def test_padded_text_tokens_do_not_change_unet_output():
     assert torch.isfinite(net(x, 50, all_padding)).all()
 
 
+def test_token_pool_carries_the_tokens_to_the_resblocks_and_ignores_padding():
+    def net_without_cross_attention(token_pool: bool) -> UNet:
+        torch.manual_seed(0)
+        net = perturbed(UNet(dataclasses.replace(UNET_PRESETS["tiny"], token_pool=token_pool)))
+        with torch.no_grad():
+            for module in net.modules():
+                if getattr(module, "is_cross", False):
+                    module.to_out.weight.zero_(), module.to_out.bias.zero_()
+        return net
+
+    x, cond = torch.randn(2, 3, 32, 32), text(2, real=3)
+    other_words = TextCondition(text(2, seed=1).tokens, cond.mask, cond.pooled)
+    garbage = cond.tokens.clone()
+    garbage[:, 3:] = 100.0 * torch.randn_like(garbage[:, 3:])
+    plain, pooled = net_without_cross_attention(False), net_without_cross_attention(True)
+    torch.testing.assert_close(plain(x, 50, other_words), plain(x, 50, cond))   # tokens reach it only by attention
+    assert not torch.allclose(pooled(x, 50, other_words), pooled(x, 50, cond), atol=1e-4)
+    torch.testing.assert_close(pooled(x, 50, TextCondition(garbage, cond.mask, cond.pooled)), pooled(x, 50, cond))
+
+
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     config = dataclasses.replace(UNET_PRESETS["tiny-sr"], gradient_checkpointing=False)
     plain = perturbed(UNet(config)).train()

@@ -56,6 +56,7 @@ class UNetConfig:
     head_dim: int = 0
     text_dim: int = 512
     pooled_dim: int = 512
+    token_pool: bool = False   # Imagen: the masked mean of the text tokens also joins the timestep embedding
     dropout: float = 0.0
     timesteps: int = 1000
     lowres_cond: bool = False
@@ -133,8 +134,10 @@ class _Level(nn.Module):
 class UNet(nn.Module):
     """ADM/Imagen U-Net f_theta(x_t, c, t) -> x0_hat with text cross-attention (paper Sec. 4.1).
 
-    The pooled text embedding (and, for super-resolution, the augmentation level) is added to
-    the timestep embedding that drives every ResBlock's scale/shift; the token sequence enters
+    The pooled text embedding (with `token_pool`, also the masked mean of the text tokens, as
+    Imagen does; for super-resolution, the augmentation level) is added to the timestep embedding
+    that drives every ResBlock's scale/shift: what a prompt says reaches every resolution, not only
+    the attention levels. The token sequence enters
     through cross-attention with `cond.mask` as key padding mask at `attention_levels` and in
     the middle block.
     """
@@ -147,6 +150,8 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(emb_dim, scale=1000.0 / c.timesteps)
         self.pooled_embed = nn.Sequential(nn.LayerNorm(c.pooled_dim), nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(),
                                           nn.Linear(emb_dim, emb_dim))
+        self.token_embed = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, emb_dim), nn.SiLU(),
+                                         nn.Linear(emb_dim, emb_dim)) if c.token_pool else None
         self.lowres_embed = TimestepEmbedding(emb_dim, scale=1000.0) if c.lowres_cond else None
         self.skip_scale = 2 ** -0.5 if c.scale_skip else 1.0
         if c.prediction_type != "sample" and c.schedule is None:
@@ -216,6 +221,9 @@ class UNet(nn.Module):
         batch = x_t.shape[0]
         t = batch_timesteps(t, batch, x_t.device)
         emb = self.time_embed(t) + self.pooled_embed(cond.pooled)
+        if self.token_embed is not None:
+            mask = cond.mask[..., None].to(cond.tokens.dtype)
+            emb = emb + self.token_embed((cond.tokens * mask).sum(1) / mask.sum(1).clamp(min=1))
         h = x_t
         if self.lowres_embed is not None:
             level = 0.0 if lowres_t is None else lowres_t
