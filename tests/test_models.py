@@ -8,7 +8,7 @@ import torch
 
 from ctxdiff.models.adapter import ADAPTER_PRESETS, AdapterConfig, ContextAdapter, build_adapter
 from ctxdiff.models.conditioning import TextCondition
-from ctxdiff.models.unet import UNET_PRESETS, UNetConfig, UNet, build_unet
+from ctxdiff.models.unet import UNET_PRESETS, UNetConfig, UNet, build_unet, coordinate_maps
 
 
 def text(batch: int, dim: int = 32, length: int = 6, real: int = 4, seed: int = 0) -> TextCondition:
@@ -105,6 +105,23 @@ def test_token_pool_carries_the_tokens_to_the_resblocks_and_ignores_padding():
     torch.testing.assert_close(plain(x, 50, other_words), plain(x, 50, cond))   # tokens reach it only by attention
     assert not torch.allclose(pooled(x, 50, other_words), pooled(x, 50, cond), atol=1e-4)
     torch.testing.assert_close(pooled(x, 50, TextCondition(garbage, cond.mask, cond.pooled)), pooled(x, 50, cond))
+
+
+def test_coordinate_maps_run_left_to_right_and_top_to_bottom_at_pixel_centres():
+    maps = coordinate_maps(torch.zeros(2, 3, 4, 6))
+    assert maps.shape == (2, 2, 4, 6)
+    torch.testing.assert_close(maps[1, 0, 2], torch.tensor([-5, -3, -1, 1, 3, 5]) / 6)   # x, any row
+    torch.testing.assert_close(maps[0, 1, :, 4], torch.tensor([-3.0, -1, 1, 3]) / 4)      # y, any column
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sr"])
+def test_coord_channels_widen_the_stem_and_run_at_any_size(preset):
+    config = dataclasses.replace(UNET_PRESETS[preset], coord_channels=True)
+    net = perturbed(UNet(config))
+    assert net.conv_in.in_channels == (6 if config.lowres_cond else 3) + 2
+    x = torch.randn(2, 3, 48, 32)
+    out = net(x, 10, text(2), **(sr_inputs(x) if config.lowres_cond else {}))
+    assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():

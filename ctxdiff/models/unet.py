@@ -57,6 +57,7 @@ class UNetConfig:
     text_dim: int = 512
     pooled_dim: int = 512
     token_pool: bool = False   # Imagen: the masked mean of the text tokens also joins the timestep embedding
+    coord_channels: bool = False  # CoordConv: x and y coordinate maps join the input (absolute position)
     dropout: float = 0.0
     timesteps: int = 1000
     lowres_cond: bool = False
@@ -137,7 +138,9 @@ class UNet(nn.Module):
     The pooled text embedding (with `token_pool`, also the masked mean of the text tokens, as
     Imagen does; for super-resolution, the augmentation level) is added to the timestep embedding
     that drives every ResBlock's scale/shift: what a prompt says reaches every resolution, not only
-    the attention levels. The token sequence enters
+    the attention levels. With `coord_channels`, x and y coordinate maps join the input
+    (CoordConv, Liu et al. 2018): a convolutional net otherwise sees absolute position only through
+    its zero padding, and learns "on the left" slowly. The token sequence enters
     through cross-attention with `cond.mask` as key padding mask at `attention_levels` and in
     the middle block.
     """
@@ -160,7 +163,7 @@ class UNet(nn.Module):
         # float64 on the CPU on purpose: not a buffer, so .half() cannot round it
         self.alpha_bar = None if c.prediction_type == "sample" else make_schedule(c.schedule, c.timesteps).alpha_bar
 
-        stem_in = 2 * c.in_channels if c.lowres_cond else c.in_channels
+        stem_in = (2 * c.in_channels if c.lowres_cond else c.in_channels) + (2 if c.coord_channels else 0)
         self.conv_in = nn.Conv2d(stem_in, c.base_channels, 3, padding=1)
         ch, skip_channels = c.base_channels, []
         self.down = nn.ModuleList()
@@ -229,6 +232,8 @@ class UNet(nn.Module):
             level = 0.0 if lowres_t is None else lowres_t
             emb = emb + self.lowres_embed(batch_timesteps(level, batch, x_t.device))
             h = torch.cat([x_t, lowres], dim=1)
+        if self.config.coord_channels:
+            h = torch.cat([h, coordinate_maps(h)], dim=1)
         context, mask = cond.tokens, cond.mask
 
         h = stem = self.conv_in(h)
@@ -253,6 +258,15 @@ class UNet(nn.Module):
             return out
         alpha_bar_t = self.alpha_bar[t.cpu().long()].view(-1, 1, 1, 1)
         return x0_from_output(self.config.prediction_type, out, x_t, alpha_bar_t)
+
+
+def coordinate_maps(h: torch.Tensor) -> torch.Tensor:
+    """[B, 2, H, W]: x (left -1 to right +1) and y (top -1 to bottom +1) at pixel centres."""
+    b, _, height, width = h.shape
+    ys = (torch.arange(height, device=h.device, dtype=h.dtype) + 0.5) / height * 2 - 1
+    xs = (torch.arange(width, device=h.device, dtype=h.dtype) + 0.5) / width * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
+    return grid[None].expand(b, -1, -1, -1)
 
 
 _SHAPES_TEXT = dict(text_dim=128, pooled_dim=128)   # the bundled small CLIP trained on the shapes world
