@@ -339,9 +339,13 @@ class DiffusionConfig:
     loss_weighting: Literal["constant", "min_snr", "snr", "snr_plus_one"] = "constant"  # paper: lambda_t = 1
     min_snr_gamma: float = 5.0  # for loss_weighting: min_snr
     cond_drop_prob: float = 0.1  # empty-text rate for classifier-free guidance
+    high_noise_share: float = 0.0  # share of training steps t drawn from above high_noise_from * T
+    high_noise_from: float = 0.9   # (sample_timesteps: where the layout is learned from the text)
 
     def __post_init__(self) -> None:
         _check(self.timesteps >= 1, f"timesteps must be >= 1, got {self.timesteps}")
+        _check(0 <= self.high_noise_share <= 1, f"high_noise_share must be in [0, 1], got {self.high_noise_share}")
+        _check(0 <= self.high_noise_from < 1, f"high_noise_from must be in [0, 1), got {self.high_noise_from}")
         _check(self.min_snr_gamma > 0, f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         _check(0 <= self.cond_drop_prob < 1, f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
 

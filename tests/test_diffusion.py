@@ -10,7 +10,7 @@ from ctxdiff.diffusion import (
     make_schedule, q_posterior, q_sample, q_transition, sample_ddim, sample_ddpm, timesteps_for,
     variational_bound,
 )
-from ctxdiff.diffusion.process import ddim_sigma, x0_from_output
+from ctxdiff.diffusion.process import ddim_sigma, sample_timesteps, x0_from_output
 from ctxdiff.models.conditioning import TextCondition
 
 T = 50
@@ -362,3 +362,18 @@ def test_snr_plus_one_weighting_of_a_v_output_is_the_plain_v_loss(sched):
     eff = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
     v_target = abar.sqrt() * eff - (1 - abar).sqrt() * x0
     torch.testing.assert_close(loss, (v_target - v_hat).pow(2).flatten(1).mean(1).mean().float(), rtol=1e-5, atol=0)
+
+
+def test_timestep_sampling_is_uniform_plus_the_asked_share_of_high_noise_steps():
+    T, n = 1000, 400_000
+    plain = sample_timesteps(n, T, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randint(1, T + 1, (n,), generator=torch.Generator().manual_seed(3)))
+    t = sample_timesteps(n, T, torch.Generator().manual_seed(3), high_noise_share=0.3, high_noise_from=0.9)
+    assert t.min() >= 1 and t.max() <= T
+    high = t > 900
+    # P(t > 0.9 T) = 0.7 * 0.1 + 0.3; below it the density is 0.7 / T per step, above it (0.07 + 0.3) / 100
+    assert high.float().mean().item() == pytest.approx(0.37, abs=0.005)
+    counts = torch.bincount(t, minlength=T + 1)[1:].float()
+    assert counts[:900].mean().item() == pytest.approx(n * 0.7 / T, rel=0.01)
+    assert counts[900:].mean().item() == pytest.approx(n * 0.37 / 100, rel=0.01)
+    assert counts[900:].std().item() < 0.05 * counts[900:].mean().item()     # uniform within the band

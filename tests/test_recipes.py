@@ -114,6 +114,8 @@ def test_post_init_value_error_becomes_usage_error_at_field_path():
         from_dict(Recipe, {"diffusion": {"cond_drop_prob": 1.0}})
     with pytest.raises(UsageError, match=r"^sample\.eta must be >= 0"):
         from_dict(Recipe, {"sample": {"eta": -0.1}})
+    with pytest.raises(UsageError, match=r"^diffusion\.high_noise_share must be in \[0, 1\], got 1\.5"):
+        from_dict(DiffusionConfig, {"high_noise_share": 1.5}, "diffusion")
 
 
 def test_hard_negatives_are_refused_outside_shapes_clip_training():

@@ -206,6 +206,21 @@ def loss_weights(sched: Schedule, t: torch.Tensor, weighting: str = "constant", 
     raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
 
 
+def sample_timesteps(n: int, T: int, generator: Optional[torch.Generator] = None, high_noise_share: float = 0.0,
+                     high_noise_from: float = 0.9) -> torch.Tensor:
+    """n training steps t in 1..T: uniform, except that a `high_noise_share` of them (each with
+    that probability) is uniform over the steps above `high_noise_from` * T.
+
+    At the highest noise levels x_t shows almost nothing of x_0, so the layout ("on the left") can
+    only be learned there, from the text; uniform t gives those steps a few percent of the batch.
+    Drawing more of them reweights Eq. 6 towards them (lambda_t times the sampling density)."""
+    t = torch.randint(1, T + 1, (n,), generator=generator)
+    if high_noise_share > 0:
+        high = torch.randint(int(high_noise_from * T) + 1, T + 1, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < high_noise_share, high, t)
+    return t
+
+
 def diffusion_loss(sched: Schedule, x0_fn: Callable, x0: torch.Tensor, cond=None,
                    adapter: Optional[Adapter] = None, t: Optional[torch.Tensor] = None,
                    noise: Optional[torch.Tensor] = None, weighting: str = "constant",
@@ -217,7 +232,7 @@ def diffusion_loss(sched: Schedule, x0_fn: Callable, x0: torch.Tensor, cond=None
     the per-sample weighted mean squared error.
     """
     if t is None:
-        t = torch.randint(1, sched.T + 1, (x0.shape[0],), device=x0.device)
+        t = sample_timesteps(x0.shape[0], sched.T).to(x0.device)
     x_t = q_sample(sched, x0, t, adapter, cond, noise)
     per_sample = (x0 - x0_fn(x_t, cond, t)).float().pow(2).flatten(1).mean(1)
     return (loss_weights(sched, t, weighting, gamma).to(per_sample) * per_sample).mean()

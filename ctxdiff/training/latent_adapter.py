@@ -26,7 +26,7 @@ import torch
 from ctxdiff.checkpoints import (latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state,
                                  training_state_path)
 from ctxdiff.data.datasets import open_dataset
-from ctxdiff.diffusion import diffusion_loss
+from ctxdiff.diffusion import diffusion_loss, sample_timesteps
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.latent import load_sd
@@ -131,7 +131,8 @@ class LatentAdapterTrainer(TrainLoop):
         images, captions = next(self._stream)
         n, down = images.shape[0], self.models.config.vae.downscale
         latent_shape = (n, self.models.config.vae.latent_channels, images.shape[2] // down, images.shape[3] // down)
-        t = torch.randint(1, self.pipe.sched.T + 1, (n,), generator=gen)
+        d = r.diffusion
+        t = sample_timesteps(n, self.pipe.sched.T, gen, d.high_noise_share, d.high_noise_from)
         noise = torch.randn(latent_shape, generator=gen)
         vae_noise = torch.randn(latent_shape, generator=gen)
         dropped = torch.rand(n, generator=gen) < r.diffusion.cond_drop_prob

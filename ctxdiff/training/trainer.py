@@ -31,7 +31,7 @@ from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_trai
                                  save_training_state, training_state_path)
 from ctxdiff.data.datasets import ShardStream, batch_indices, collate, open_dataset
 from ctxdiff.data.png import grid, save_png, to_uint8
-from ctxdiff.diffusion import diffusion_loss, make_schedule
+from ctxdiff.diffusion import diffusion_loss, make_schedule, sample_timesteps
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.unet import UNet, UNetConfig
@@ -402,7 +402,8 @@ class Trainer(TrainLoop):
         torch.manual_seed(step_seed(cfg.seed, self.step) + 1)  # dropout layers
         x0, captions = self._global_batch()
         n = x0.shape[0]
-        t = torch.randint(1, r.diffusion.timesteps + 1, (n,), generator=gen)
+        d = r.diffusion
+        t = sample_timesteps(n, d.timesteps, gen, d.high_noise_share, d.high_noise_from)
         noise = torch.randn(x0.shape, generator=gen)
         dropped = torch.rand(n, generator=gen) < r.diffusion.cond_drop_prob
         lowres = lowres_t = None
