@@ -2,7 +2,9 @@
 mean absolute difference of the model's x0 prediction at t = T (pure noise in, so the prediction
 is the model's E[x0 | prompt], whatever the seed), averaged over noise draws. A word the model
 ignores moves nothing; a colour moves the most pixels. Cheap (one U-Net call per prompt), so it
-can follow training: pass several bundles (e.g. the exports of a run's checkpoints).
+can follow training: pass several bundles (e.g. the exports of a run's checkpoints). The first
+row is the shapes world itself (the same difference between the mean images of 400 scenes drawn
+for each prompt): what a model that had learned the word would show.
 
     python benchmarks/word_use.py MODEL [MODEL ...] [--samples 16]
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
+from ctxdiff.data.shapes import render_scene, scene_from_caption
 from ctxdiff.pipelines.text2image import Text2Image
 
 SWAPS = {   # attribute: (prompt, the same prompt with one word changed)
@@ -37,6 +41,13 @@ def word_use(pipe: Text2Image, samples: int) -> dict[str, float]:
     return result
 
 
+def world_reference(size: int, scenes: int = 400) -> dict[str, float]:
+    def mean_image(prompt: str) -> np.ndarray:
+        return np.mean([render_scene(scene_from_caption(prompt, seed=s), size) / 127.5 - 1 for s in range(scenes)], 0)
+
+    return {attribute: float(np.abs(mean_image(a) - mean_image(b)).mean()) for attribute, (a, b) in SWAPS.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+")
@@ -44,9 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     print("mean |E[x0 | prompt] - E[x0 | prompt with one word changed]| at t = T (pixels in [-1, 1])")
     print(f"{'model':<48}" + "".join(f"{a:>11}" for a in SWAPS))
-    for model in args.models:
-        row = word_use(Text2Image.from_bundle(model), args.samples)
-        print(f"{model[-48:]:<48}" + "".join(f"{row[a]:>11.4f}" for a in SWAPS))
+    pipes = {model: Text2Image.from_bundle(model) for model in args.models}
+    rows = {"the shapes world (target)": world_reference(next(iter(pipes.values())).base.unet.config.image_size)}
+    rows |= {model: word_use(pipe, args.samples) for model, pipe in pipes.items()}
+    for name, row in rows.items():
+        print(f"{name[-48:]:<48}" + "".join(f"{row[a]:>11.4f}" for a in SWAPS))
 
 
 if __name__ == "__main__":
