@@ -313,10 +313,10 @@ _OPPOSITE_RELATION = {"above": "below", "below": "above", "left of": "right of",
 def counterfactual(spec: SceneSpec, rng: np.random.Generator) -> tuple[SceneSpec, str]:
     """`spec` with one stated attribute changed, and that attribute's name: an object's colour,
     shape or stated size, the position, the relation (to its opposite: "above" and "left of" can
-    both hold), the stated background, or (two objects of
-    different shapes) which shape goes with which colour ("binding"); the attribute is picked
-    uniformly among those `spec` can change, then the object. Its scene is a hard negative for contrastive training: a caption the
-    text encoder can tell from the original by that one attribute only."""
+    both hold), the stated background, or (two objects of different shapes) which shape goes with
+    which colour ("binding"); the attribute is picked uniformly among those `spec` can change, then
+    the object. Its scene is a hard negative for contrastive training: a caption the text encoder
+    can tell from the original by that one attribute only."""
     objects, taken = list(spec.objects), {o.colour for o in spec.objects} | {spec.background}
     alternatives = {"colour": [c for c in OBJECT_COLOURS if c not in taken], "shape": SHAPES, "size": SIZES,
                     "position": POSITIONS, "relation": [_OPPOSITE_RELATION.get(spec.relation)],
@@ -472,9 +472,12 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def _check_index(self, index: int) -> None:
         if not 0 <= index < self.count:
             raise IndexError(f"index {index} outside a dataset of {self.count}")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        self._check_index(index)
         image, caption = self.world.sample(index)
         return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1, caption
 
@@ -485,8 +488,7 @@ class ShapeTwinsDataset(ShapesDataset):
     in one batch so that the two captions must be told apart by the attribute they differ in."""
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[str]]:
-        if not 0 <= index < self.count:
-            raise IndexError(f"index {index} outside a dataset of {self.count}")
+        self._check_index(index)
         scenes = self.world.scene_and_twin(index)[:2]
         images = np.stack([self.world.render(scene) for scene in scenes])
         return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, [s.caption for s in scenes]

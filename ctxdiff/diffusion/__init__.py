@@ -26,6 +26,6 @@ from ctxdiff.diffusion.schedule import Schedule, make_schedule
 __all__ = [
     "BitsPerDim", "Schedule", "classifier_free_guidance", "context_bias", "ddim_invert_step", "ddim_step",
     "ddpm_step", "diffusion_loss", "invert_ddim", "loss_weights", "make_schedule", "predicted_noise",
-    "q_posterior", "q_sample", "q_transition", "sample_ddim", "sample_timesteps", "sample_ddpm", "timesteps_for",
+    "q_posterior", "q_sample", "q_transition", "sample_ddim", "sample_ddpm", "sample_timesteps", "timesteps_for",
     "variational_bound",
 ]

@@ -151,10 +151,8 @@ class UNet(nn.Module):
         levels = len(c.channel_mults)
         emb_dim = 4 * c.base_channels
         self.time_embed = TimestepEmbedding(emb_dim, scale=1000.0 / c.timesteps)
-        self.pooled_embed = nn.Sequential(nn.LayerNorm(c.pooled_dim), nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(),
-                                          nn.Linear(emb_dim, emb_dim))
-        self.token_embed = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, emb_dim), nn.SiLU(),
-                                         nn.Linear(emb_dim, emb_dim)) if c.token_pool else None
+        self.pooled_embed = _embedding_mlp(c.pooled_dim, emb_dim)
+        self.token_embed = _embedding_mlp(c.text_dim, emb_dim) if c.token_pool else None
         self.lowres_embed = TimestepEmbedding(emb_dim, scale=1000.0) if c.lowres_cond else None
         self.skip_scale = 2 ** -0.5 if c.scale_skip else 1.0
         if c.prediction_type != "sample" and c.schedule is None:
@@ -258,6 +256,11 @@ class UNet(nn.Module):
             return out
         alpha_bar_t = self.alpha_bar[t.cpu().long()].view(-1, 1, 1, 1)
         return x0_from_output(self.config.prediction_type, out, x_t, alpha_bar_t)
+
+
+def _embedding_mlp(in_dim: int, emb_dim: int) -> nn.Sequential:
+    """A text feature -> timestep-embedding space: LayerNorm, Linear, SiLU, Linear."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
 def coordinate_maps(h: torch.Tensor) -> torch.Tensor:
