@@ -8,6 +8,7 @@ import torch
 
 from ctxdiff.models.adapter import ADAPTER_PRESETS, AdapterConfig, ContextAdapter, build_adapter
 from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.models.layers import attention
 from ctxdiff.models.unet import UNET_PRESETS, UNetConfig, UNet, build_unet, coordinate_maps
 
 
@@ -245,3 +246,39 @@ def test_a_v_prediction_unet_returns_x0_read_from_its_output_under_its_schedule(
         UNet(dataclasses.replace(config, prediction_type="v_prediction"))
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         UNetConfig(prediction_type="x1")
+
+
+@pytest.mark.parametrize("dtype,grad,tokens,kv_tokens,masked,causal", [
+    (torch.bfloat16, True, 64, 9, True, False),     # the math-kernel branch: bf16 training, short sequences
+    (torch.bfloat16, True, 16, 16, False, True),
+    (torch.bfloat16, True, 200, 200, False, False),  # too long: PyTorch's own choice
+    (torch.float32, False, 64, 64, False, False),
+])
+def test_attention_is_softmax_attention_in_value_and_gradient(dtype, grad, tokens, kv_tokens, masked, causal):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (tokens, kv_tokens, kv_tokens))
+    mask = torch.rand(2, 1, 1, kv_tokens, generator=g) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    leaves = [x.to(dtype).requires_grad_(grad) for x in (q, k, v)]
+    out = attention(*leaves, attn_mask=mask, is_causal=causal)
+    scores = (q.double() @ k.double().transpose(-2, -1)) / 4
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if causal:
+        scores = scores.masked_fill(torch.ones(tokens, kv_tokens, dtype=torch.bool).triu(1), float("-inf"))
+    expected = scores.softmax(-1) @ v.double()
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.double(), expected, atol=tolerance), (out.double() - expected).abs().max()
+    if grad:
+        out.float().square().sum().backward()
+        reference = [x.double().requires_grad_() for x in (q, k, v)]
+        s = (reference[0] @ reference[1].transpose(-2, -1)) / 4
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        if causal:
+            s = s.masked_fill(torch.ones(tokens, kv_tokens, dtype=torch.bool).triu(1), float("-inf"))
+        (s.softmax(-1) @ reference[2]).square().sum().backward()
+        for leaf, ref in zip(leaves, reference):
+            scale = ref.grad.abs().max()
+            assert torch.allclose(leaf.grad.double(), ref.grad, atol=0.05 * scale), (leaf.grad.double() - ref.grad).abs().max()

@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torch.utils.checkpoint import checkpoint
@@ -38,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.latent.unet import Attention as LatentAttention
 from ctxdiff.models.latent.unet import BasicTransformerBlock, LatentUNet, chunked_attention
-from ctxdiff.models.layers import Attention, SpatialTransformer, TransformerBlock
+from ctxdiff.models.layers import Attention, SpatialTransformer, TransformerBlock, attention
 from ctxdiff.models.temporal import TemporalAttention, fixed_init
 from ctxdiff.models.unet import UNet
 
@@ -88,7 +87,7 @@ def attend(state: VideoState, site: str, kind: str, q: torch.Tensor, k: torch.Te
     if control is None or not control.wants(site, kind, q.shape[2]):
         if attn_mask is None:
             return chunked_attention(q, k, v, chunk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return attention(q, k, v, attn_mask=attn_mask)
     scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)   # float32: fp16 scores overflow
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))

@@ -12,6 +12,22 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHORT_SEQUENCE = 128  # tokens: up to here the CPU's fused bf16 attention backward loses to the math kernel
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` over [B, heads, N, d], on the math kernel where PyTorch's
+    fused CPU kernel is slow: the backward of bf16 attention over short sequences (measured by
+    benchmarks/attention_cpu.py: 7x slower at 16 tokens, 2.7x at 64, faster again from 256). Elsewhere
+    (forward passes, fp32, CUDA, long sequences) PyTorch picks its kernel as usual."""
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and torch.is_grad_enabled()
+            and max(q.shape[-2], k.shape[-2]) <= SHORT_SEQUENCE):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -111,7 +127,7 @@ class Upsample(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `F.scaled_dot_product_attention`.
+    """Multi-head attention through `attention` (fused scaled dot-product attention).
 
     Self-attention when `context_dim` is None. Otherwise cross-attention over a context
     sequence (text tokens) with a key padding mask [B, L] (True = attend); a learned null
@@ -147,8 +163,7 @@ class Attention(nn.Module):
                 attn_mask = torch.cat([keep, mask.bool()], dim=1)[:, None, None, :]
         else:
             k, v = self.to_kv(x).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(self._split_heads(q), self._split_heads(k), self._split_heads(v),
-                                             attn_mask=attn_mask)
+        out = attention(self._split_heads(q), self._split_heads(k), self._split_heads(v), attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 

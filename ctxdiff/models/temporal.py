@@ -13,10 +13,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ctxdiff.models.layers import zero_init
+from ctxdiff.models.layers import attention, zero_init
 
 
 @contextmanager
@@ -61,6 +60,6 @@ class TemporalAttention(nn.Module):
         q, k, v = (t.view(b * n, frames, self.heads, -1).transpose(1, 2)
                    for t in (self.to_q(h), *self.to_kv(h).chunk(2, dim=-1)))
         mask = None if self.window is None else causal_window_mask(frames, self.window, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask)
         seq = seq + self.to_out(out.transpose(1, 2).flatten(2))
         return seq.view(b, n, frames, c).transpose(1, 2).reshape(bf, n, c)

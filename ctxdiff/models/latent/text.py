@@ -27,6 +27,7 @@ from torch import nn
 
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.models.layers import attention
 
 EOT_ID = 49407
 _ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
@@ -103,7 +104,7 @@ class CLIPAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

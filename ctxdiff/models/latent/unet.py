@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.models.layers import attention
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,8 @@ def timestep_features(timesteps: torch.Tensor, dim: int, max_period: float = 100
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """SDPA over [B, heads, N, d] queries, `chunk` queries at a time (None: all at once)."""
     if chunk is None or q.shape[-2] <= chunk:
-        return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(chunk, dim=-2)], dim=-2)
+        return attention(q, k, v)
+    return torch.cat([attention(part, k, v) for part in q.split(chunk, dim=-2)], dim=-2)
 
 
 class ResnetBlock2D(nn.Module):
