@@ -283,3 +283,29 @@ def test_clip_batches_hold_each_scene_with_its_twin(tmp_path):
     for _ in range(5):
         next(stream)
     assert next(stream)[1] == later[1]
+
+
+def test_layout_head_learns_where_objects_are_and_resumes_exactly(tmp_path):
+    """train.layout_loss: the head's centroid error falls, it is checkpointed with the run, and a
+    checkpoint made with another layout_loss is refused on --resume."""
+    recipe = clip_recipe(tmp_path / "full", steps=30, batch_size=16, layout_loss=10.0, checkpoint_every=10)
+    full = ClipTrainer(recipe)
+    world = full.dataset.world
+    images = torch.stack([torch.from_numpy(world.render(world.scene(i))) for i in range(64)])
+    images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def error(trainer):
+        with torch.no_grad():
+            return trainer.layout_error(images, trainer.encoders.image_features(images)).item()
+
+    before = error(full)
+    full.run()
+    assert error(full) < 0.5 * before, (before, error(full))
+    part = ClipTrainer(replace(recipe, output=str(tmp_path / "part")))
+    part.run(should_stop=lambda: part.step >= 20)
+    resumed = ClipTrainer(replace(recipe, output=str(tmp_path / "part")), resume=True)
+    resumed.run()
+    assert torch.equal(full.layout_head.weight, resumed.layout_head.weight)
+    without = replace(recipe, output=str(tmp_path / "part"), train=replace(recipe.train, layout_loss=0.0))
+    with pytest.raises(CtxdiffError, match="another train.layout_loss"):
+        ClipTrainer(without, resume=True)

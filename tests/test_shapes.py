@@ -12,8 +12,8 @@ from PIL import Image
 
 import ctxdiff.cli.shapes  # noqa: F401  (registers `ctxdiff shapes`)
 from ctxdiff.cli import main
-from ctxdiff.data.shapes import (BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPES, ShapesDataset, ShapesWorld,
-                                 ShapeTwinsDataset, held_out_prompts, moving_shape_video, parse_caption, render_scene,
+from ctxdiff.data.shapes import (BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPE_CENTROID_DROP, SHAPES,
+                                 ShapesDataset, ShapesWorld, ShapeTwinsDataset, colour_layout, held_out_prompts, moving_shape_video, parse_caption, render_scene,
                                  scene_from_caption, write_samples)
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.metrics.shapes_judge import judge, judge_many, judge_video
@@ -283,3 +283,20 @@ def test_shapes_command_prints_a_json_line_per_sample_and_refuses_a_full_folder(
     assert main(["--quiet", "shapes", str(tmp_path / "out"), "--n", "2"]) == 1
     error = capsys.readouterr().err
     assert "not empty" in error and "--force" in error and len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_colour_layout_reads_every_object_position_from_the_pixels(size):
+    world = ShapesWorld(seed=3, image_size=size)
+    names = list(OBJECT_COLOURS)
+    scenes = [world.scene(i) for i in range(80)]
+    images = torch.stack([torch.from_numpy(world.render(s)) for s in scenes]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    centroids, present = colour_layout(images)
+    for scene, where, seen in zip(scenes, centroids, present):
+        assert {names[k] for k in seen.nonzero().flatten().tolist()} == {o.colour for o in scene.objects}
+        for obj in scene.objects:
+            # the pixels' centroid is the box centre, but a triangle's lies extent/6 lower
+            expected = torch.tensor([obj.cx, obj.cy + SHAPE_CENTROID_DROP[obj.shape] * obj.extent])
+            assert torch.dist(where[names.index(obj.colour)], expected) < 0.03, (scene.caption, where, expected)
+    mirrored, _ = colour_layout(images.flip(-1))          # and it reads the image, not the caption
+    assert torch.allclose(mirrored[..., 0][present], 1 - centroids[..., 0][present], atol=1e-5)

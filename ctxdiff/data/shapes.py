@@ -423,6 +423,35 @@ def render_scene(scene: Scene, size: int = 64) -> np.ndarray:
     return np.rint(image).astype(np.uint8)
 
 
+LAYOUT_TOLERANCE = 24.0  # a pixel within this distance (0-255 RGB) of an object colour counts as that colour
+
+
+def colour_layout(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each object colour lies in rendered scenes, read from the pixels alone.
+
+    images: [B, 3, H, W] in [-1, 1]. Returns centroids [B, K, 2] ((x, y) in [0, 1], x to the right,
+    y downwards) and present [B, K] (bool) for the K object colours in OBJECT_COLOURS order. The
+    background is the top-left pixel's colour (objects keep a margin from the border); anti-aliased
+    edge pixels further than LAYOUT_TOLERANCE from every colour are left out. Within a scene the
+    object colours differ, so colour centroids are object positions, and their differences relations.
+    """
+    rgb = (images.float() + 1) * 127.5
+    palette = torch.tensor(list(OBJECT_COLOURS.values()), dtype=rgb.dtype, device=rgb.device)   # [K, 3]
+    distance = torch.cdist(rgb.flatten(2).transpose(1, 2), palette[None].expand(len(rgb), -1, -1))
+    nearest = distance.min(-1)
+    background = torch.cdist(rgb[:, :, :1, 0].transpose(1, 2), palette[None].expand(len(rgb), -1, -1))[:, 0].min(-1)
+    is_background = (background.values < LAYOUT_TOLERANCE)[:, None] & (background.indices[:, None] == nearest.indices)
+    keep = (nearest.values < LAYOUT_TOLERANCE) & ~is_background                      # [B, H*W]
+    weights = torch.nn.functional.one_hot(nearest.indices, len(palette)).to(rgb.dtype) * keep[..., None]  # [B, HW, K]
+    h, w = images.shape[-2:]
+    y, x = torch.meshgrid((torch.arange(h, device=rgb.device, dtype=rgb.dtype) + 0.5) / h,
+                          (torch.arange(w, device=rgb.device, dtype=rgb.dtype) + 0.5) / w, indexing="ij")
+    coords = torch.stack([x.flatten(), y.flatten()], -1)                             # [HW, 2]
+    mass = weights.sum(1)                                                            # [B, K]
+    centroids = torch.einsum("bpk,pc->bkc", weights, coords) / mass.clamp_min(1)[..., None]
+    return centroids, mass >= 2
+
+
 # -- the world ---------------------------------------------------------------------------------
 
 class ShapesWorld:

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from open_clip.loss import ClipLoss
 
 from ctxdiff.checkpoints import latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state, \
     training_state_path
 from ctxdiff.data.datasets import collate, open_dataset
-from ctxdiff.data.shapes import ShapesWorld
+from ctxdiff.data.shapes import OBJECT_COLOURS, ShapesWorld, colour_layout
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import ClipEncoders, load_clip, save_clip
 from ctxdiff.recipes import to_dict
@@ -37,6 +38,11 @@ class ClipTrainer(TrainLoop):
     ((image [3, H, W] in [-1, 1], caption) pairs, or groups (images [G, 3, H, W], G captions) kept
     in one batch: hard negatives, a batch then holds G x batch_size pairs). Writes
     <output>/clip.safetensors (a ctxdiff "clip" bundle) at every checkpoint and at the end.
+
+    `train.layout_loss` > 0 (shapes world) adds w * the squared error of a linear head that reads
+    every object colour's centroid (`colour_layout`) off the image embedding: contrastive batches
+    are met by colours and shapes alone, and the vision tower learns to ignore where things are
+    (left and right placements had embedding cosine 0.998). The head is not part of the CLIP.
     """
 
     ema = None
@@ -54,8 +60,12 @@ class ClipTrainer(TrainLoop):
         check_run_folder(self.out, self.ckpt_dir, resume)
         torch.manual_seed(cfg.seed)
         self.encoders = load_clip(recipe.model.clip, self.device, trainable=True)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.encoders, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(0.9, 0.98), eps=1e-6, fused=True)
+        groups = _param_groups(self.encoders, cfg.weight_decay)
+        self.layout_head = None
+        if cfg.layout_loss:
+            self.layout_head = nn.Linear(self.encoders.embed_dim, 2 * len(OBJECT_COLOURS)).to(self.device)
+            groups.append({"params": list(self.layout_head.parameters()), "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _warmup_cosine(step, cfg.warmup_steps, cfg.steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -75,9 +85,12 @@ class ClipTrainer(TrainLoop):
             self._batches = _batches(self.dataset, cfg.batch_size, cfg.seed, self.step)
         images, captions = next(self._batches)
         logit_scale = self.encoders.clip.logit_scale
+        images = images.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = self.loss_fn(self.encoders.image_features(images.to(self.device)),
-                                self.encoders.text_features(captions), logit_scale.exp())
+            image_features = self.encoders.image_features(images)
+            loss = self.loss_fn(image_features, self.encoders.text_features(captions), logit_scale.exp())
+        if self.layout_head is not None:
+            loss = loss + cfg.layout_loss * self.layout_error(images, image_features.float())
         self.check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,11 +101,19 @@ class ClipTrainer(TrainLoop):
         self.step += 1
         return loss.item()
 
+    def layout_error(self, images: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance between the head's and the pixels' centroid of every object colour."""
+        centroids, present = colour_layout(images)
+        predicted = self.layout_head(image_features).view(centroids.shape)
+        return (predicted - centroids).square().sum(-1)[present].mean()
+
     def preview(self) -> None:
         """A CLIP has no samples to show while it trains (its held-out scores come at the end)."""
 
     def save_checkpoint(self) -> Path:
         state = {"clip": self.encoders.clip.state_dict(), **self.loop_state()}
+        if self.layout_head is not None:
+            state["layout_head"] = self.layout_head.state_dict()
         path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
         rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
         save_clip(self.model_path, self.encoders)
@@ -110,6 +131,11 @@ class ClipTrainer(TrainLoop):
             raise CtxdiffError(f"{path}: this checkpoint was trained with another CLIP or data; resume with the "
                                "recipe that started the run")
         self.encoders.clip.load_state_dict(state["clip"])
+        if (self.layout_head is None) != ("layout_head" not in state):
+            raise CtxdiffError(f"{path}: this checkpoint was trained with another train.layout_loss; resume with "
+                               "the recipe that started the run")
+        if self.layout_head is not None:
+            self.layout_head.load_state_dict(state["layout_head"])
         self.restore_loop_state(state, path)
 
 
