@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 from open_clip.loss import ClipLoss
+from torch import nn
 
 from ctxdiff.checkpoints import latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state, \
     training_state_path
