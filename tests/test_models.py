@@ -262,23 +262,18 @@ def test_attention_is_softmax_attention_in_value_and_gradient(dtype, grad, token
         mask[..., 0] = True
     leaves = [x.to(dtype).requires_grad_(grad) for x in (q, k, v)]
     out = attention(*leaves, attn_mask=mask, is_causal=causal)
-    scores = (q.double() @ k.double().transpose(-2, -1)) / 4
+    reference = [x.double().requires_grad_() for x in (q, k, v)]
+    scores = (reference[0] @ reference[1].transpose(-2, -1)) / 4
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     if causal:
         scores = scores.masked_fill(torch.ones(tokens, kv_tokens, dtype=torch.bool).triu(1), float("-inf"))
-    expected = scores.softmax(-1) @ v.double()
+    expected = scores.softmax(-1) @ reference[2]
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(out.double(), expected, atol=tolerance), (out.double() - expected).abs().max()
     if grad:
         out.float().square().sum().backward()
-        reference = [x.double().requires_grad_() for x in (q, k, v)]
-        s = (reference[0] @ reference[1].transpose(-2, -1)) / 4
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        if causal:
-            s = s.masked_fill(torch.ones(tokens, kv_tokens, dtype=torch.bool).triu(1), float("-inf"))
-        (s.softmax(-1) @ reference[2]).square().sum().backward()
+        expected.square().sum().backward()
         for leaf, ref in zip(leaves, reference):
             scale = ref.grad.abs().max()
             assert torch.allclose(leaf.grad.double(), ref.grad, atol=0.05 * scale), (leaf.grad.double() - ref.grad).abs().max()

@@ -436,13 +436,13 @@ def colour_layout(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     object colours differ, so colour centroids are object positions, and their differences relations.
     """
     rgb = (images.float() + 1) * 127.5
-    palette = torch.tensor(list(OBJECT_COLOURS.values()), dtype=rgb.dtype, device=rgb.device)   # [K, 3]
-    distance = torch.cdist(rgb.flatten(2).transpose(1, 2), palette[None].expand(len(rgb), -1, -1))
-    nearest = distance.min(-1)
-    background = torch.cdist(rgb[:, :, :1, 0].transpose(1, 2), palette[None].expand(len(rgb), -1, -1))[:, 0].min(-1)
+    palette = torch.tensor(list(OBJECT_COLOURS.values()), dtype=rgb.dtype, device=rgb.device)
+    palette = palette.expand(len(rgb), -1, -1)                                        # [B, K, 3]
+    nearest = torch.cdist(rgb.flatten(2).transpose(1, 2), palette).min(-1)           # per pixel [B, H*W]
+    background = torch.cdist(rgb[:, :, :1, 0].transpose(1, 2), palette)[:, 0].min(-1)
     is_background = (background.values < LAYOUT_TOLERANCE)[:, None] & (background.indices[:, None] == nearest.indices)
     keep = (nearest.values < LAYOUT_TOLERANCE) & ~is_background                      # [B, H*W]
-    weights = torch.nn.functional.one_hot(nearest.indices, len(palette)).to(rgb.dtype) * keep[..., None]  # [B, HW, K]
+    weights = torch.nn.functional.one_hot(nearest.indices, len(OBJECT_COLOURS)).to(rgb.dtype) * keep[..., None]
     h, w = images.shape[-2:]
     y, x = torch.meshgrid((torch.arange(h, device=rgb.device, dtype=rgb.dtype) + 0.5) / h,
                           (torch.arange(w, device=rgb.device, dtype=rgb.dtype) + 0.5) / w, indexing="ij")
