@@ -125,6 +125,24 @@ def test_coord_channels_widen_the_stem_and_run_at_any_size(preset):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_layout_maps_join_the_stem_and_carry_the_pooled_prompt_to_the_output():
+    config = dataclasses.replace(UNET_PRESETS["tiny"], layout_maps=3)
+    net = perturbed(UNet(config))
+    assert net.conv_in.in_channels == 3 + 3
+    cond, grid = text(2), config.image_size // config.downsample_factor
+    native = net.layout(cond.pooled, (grid, grid))   # at the lowest resolution: the MLP's maps as they are
+    torch.testing.assert_close(native, net.layout_embed(cond.pooled).view(2, 3, grid, grid))
+    assert not torch.allclose(native[0], native[1])
+    with torch.no_grad():   # FiLM no longer sees the pooled embedding: only the maps can
+        net.pooled_embed[-1].weight.zero_()
+        net.pooled_embed[-1].bias.zero_()
+    x, swapped = torch.randn(2, 3, 48, 32), TextCondition(cond.tokens, cond.mask, cond.pooled.flip(0))
+    assert not torch.allclose(net(x, 10, cond), net(x, 10, swapped), atol=1e-4)
+    with torch.no_grad():
+        net.layout_embed[-1].weight.zero_()
+    torch.testing.assert_close(net(x, 10, cond), net(x, 10, swapped))
+
+
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     config = dataclasses.replace(UNET_PRESETS["tiny-sr"], gradient_checkpointing=False)
     plain = perturbed(UNet(config)).train()

@@ -58,6 +58,7 @@ class UNetConfig:
     pooled_dim: int = 512
     token_pool: bool = False   # Imagen: the masked mean of the text tokens also joins the timestep embedding
     coord_channels: bool = False  # CoordConv: x and y coordinate maps join the input (absolute position)
+    layout_maps: int = 0  # this many maps drawn from the pooled text embedding join the input (a layout prior)
     dropout: float = 0.0
     timesteps: int = 1000
     lowres_cond: bool = False
@@ -80,8 +81,8 @@ class UNetConfig:
         set_(self, "num_res_blocks", blocks)
         if len(blocks) != levels or min(blocks) < 1:
             raise ValueError(f"num_res_blocks must be >= 1, one per level ({levels}), got {self.num_res_blocks}")
-        if min(self.image_size, self.in_channels, self.out_channels, self.base_channels,
-               self.text_dim, self.pooled_dim, self.timesteps, self.heads) < 1 or self.head_dim < 0:
+        if min(self.image_size, self.in_channels, self.out_channels, self.base_channels, self.text_dim,
+               self.pooled_dim, self.timesteps, self.heads) < 1 or min(self.head_dim, self.layout_maps) < 0:
             raise ValueError(f"sizes, dims, heads and timesteps must be positive: {self}")
         if self.image_size % self.downsample_factor:
             raise ValueError(f"image_size {self.image_size} is not divisible by 2**(levels-1) = "
@@ -140,7 +141,10 @@ class UNet(nn.Module):
     that drives every ResBlock's scale/shift: what a prompt says reaches every resolution, not only
     the attention levels. With `coord_channels`, x and y coordinate maps join the input
     (CoordConv, Liu et al. 2018): a convolutional net otherwise sees absolute position only through
-    its zero padding, and learns "on the left" slowly. The token sequence enters
+    its zero padding, and learns "on the left" slowly. With `layout_maps` = k, an MLP turns the
+    pooled embedding into k maps at the lowest resolution, upsampled to the input's and joined to
+    it: a prompt's layout ("on the left", "above") becomes a linear read-out of its embedding, where
+    FiLM and coordinates need the product of the two. The token sequence enters
     through cross-attention with `cond.mask` as key padding mask at `attention_levels` and in
     the middle block.
     """
@@ -161,7 +165,10 @@ class UNet(nn.Module):
         # float64 on the CPU on purpose: not a buffer, so .half() cannot round it
         self.alpha_bar = None if c.prediction_type == "sample" else make_schedule(c.schedule, c.timesteps).alpha_bar
 
-        stem_in = (2 * c.in_channels if c.lowres_cond else c.in_channels) + (2 if c.coord_channels else 0)
+        self.layout_embed = (_embedding_mlp(c.pooled_dim, emb_dim, c.layout_maps * self.layout_grid ** 2)
+                             if c.layout_maps else None)
+        stem_in = ((2 * c.in_channels if c.lowres_cond else c.in_channels) + (2 if c.coord_channels else 0)
+                   + c.layout_maps)
         self.conv_in = nn.Conv2d(stem_in, c.base_channels, 3, padding=1)
         ch, skip_channels = c.base_channels, []
         self.down = nn.ModuleList()
@@ -192,6 +199,17 @@ class UNet(nn.Module):
         self.final = _Unit(c, ch + c.base_channels, ch, emb_dim, False) if c.efficient else None
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+    @property
+    def layout_grid(self) -> int:
+        """Side of the layout maps: the lowest resolution of a net at its image_size."""
+        return self.config.image_size // self.config.downsample_factor
+
+    def layout(self, pooled: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B, layout_maps, *size]: the layout maps of the pooled text embeddings, upsampled bilinearly."""
+        grid = self.layout_grid
+        maps = self.layout_embed(pooled).view(-1, self.config.layout_maps, grid, grid)
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
     def _run(self, unit: _Unit, *args: torch.Tensor) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -232,6 +250,8 @@ class UNet(nn.Module):
             h = torch.cat([x_t, lowres], dim=1)
         if self.config.coord_channels:
             h = torch.cat([h, coordinate_maps(h)], dim=1)
+        if self.layout_embed is not None:
+            h = torch.cat([h, self.layout(cond.pooled, h.shape[-2:]).to(h.dtype)], dim=1)
         context, mask = cond.tokens, cond.mask
 
         h = stem = self.conv_in(h)
@@ -258,9 +278,10 @@ class UNet(nn.Module):
         return x0_from_output(self.config.prediction_type, out, x_t, alpha_bar_t)
 
 
-def _embedding_mlp(in_dim: int, emb_dim: int) -> nn.Sequential:
-    """A text feature -> timestep-embedding space: LayerNorm, Linear, SiLU, Linear."""
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+def _embedding_mlp(in_dim: int, emb_dim: int, out_dim: int | None = None) -> nn.Sequential:
+    """A text feature -> timestep-embedding space (or `out_dim` features): LayerNorm, Linear, SiLU, Linear."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, emb_dim), nn.SiLU(),
+                         nn.Linear(emb_dim, out_dim or emb_dim))
 
 
 def coordinate_maps(h: torch.Tensor) -> torch.Tensor:
