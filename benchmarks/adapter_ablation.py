@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/ablation"))
     parser.add_argument("--n", type=int, default=500, help="held-out prompts (half single-, half two-object)")
     parser.add_argument("--curve-n", type=int, default=200, help="prompts per checkpoint for the judge curve")
+    parser.add_argument("--curve-every", type=int, default=250, help="judge the checkpoints at multiples of this step")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--guidance", default="1.5,3,4.5,6,7.5,9")
     parser.add_argument("--bpd-n", type=int, default=256)
@@ -116,10 +117,13 @@ def main() -> None:
         curve_prompts, curve_seeds = prompts_and_seeds(args.curve_n, seed=11)
         arm["judge_curve"] = []
         for checkpoint in sorted((run / "checkpoints").glob("step-*.pt")):
+            step = int(checkpoint.stem.split("-")[1])
+            if step % args.curve_every:
+                continue
             load_ema_step(pipe, checkpoint)
             images = generate(pipe, curve_prompts, curve_seeds, pipe.defaults.guidance, args.steps, args.batch)
             report = judge_many(list(images), curve_prompts)
-            arm["judge_curve"].append({"step": int(checkpoint.stem.split("-")[1]),
+            arm["judge_curve"].append({"step": step,
                                        "judge_all_single": report.all_correct_rate("single"),
                                        "judge_colour": report.accuracy("colour"), "judge_shape": report.accuracy("shape")})
         arm["loss_curve"] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
