@@ -129,7 +129,7 @@ def test_layout_maps_join_the_stem_and_carry_the_pooled_prompt_to_the_output():
     config = dataclasses.replace(UNET_PRESETS["tiny"], layout_maps=3)
     net = perturbed(UNet(config))
     assert net.conv_in.in_channels == 3 + 3
-    cond, grid = text(2), config.image_size // config.downsample_factor
+    cond, grid = text(2), net.layout_grid
     native = net.layout(cond.pooled, (grid, grid))   # at the lowest resolution: the MLP's maps as they are
     torch.testing.assert_close(native, net.layout_embed(cond.pooled).view(2, 3, grid, grid))
     assert not torch.allclose(native[0], native[1])
