@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/ablation"))
     parser.add_argument("--n", type=int, default=500, help="held-out prompts (half single-, half two-object)")
     parser.add_argument("--curve-n", type=int, default=200, help="prompts per checkpoint for the judge curve")
-    parser.add_argument("--curve-every", type=int, default=250, help="judge the checkpoints at multiples of this step")
+    parser.add_argument("--curve-every", type=int, default=1,
+                        help="judge the checkpoints at multiples of this step (1: every checkpoint)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--guidance", default="1.5,3,4.5,6,7.5,9")
     parser.add_argument("--bpd-n", type=int, default=256)
