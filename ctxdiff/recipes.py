@@ -360,6 +360,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # Tab. 7; video, Tab. 8: 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Tab. 7 and 8
     warmup_steps: int = 1_000  # linear warmup; Tab. 7: 10000 (at batch 1024); video, Tab. 8: 0
+    lr_schedule: Literal["constant", "cosine"] | None = None  # after warmup; null: cosine for the clip
+                                                               # stage (open_clip's), constant otherwise
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     ema_decay: float = 0.9999  # 0: no EMA
     ema_warmup: bool = True  # decay_t = min(ema_decay, (1 + step) / (10 + step))

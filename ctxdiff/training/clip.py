@@ -25,7 +25,7 @@ from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import ClipEncoders, load_clip, save_clip
 from ctxdiff.recipes import to_dict
 from ctxdiff.training.recipe import Recipe
-from ctxdiff.training.trainer import TrainLoop, check_run_folder
+from ctxdiff.training.trainer import TrainLoop, check_run_folder, lr_scheduler
 
 PRECISIONS = ("fp32", "bf16")
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp on the learned temperature
@@ -66,8 +66,7 @@ class ClipTrainer(TrainLoop):
             self.layout_head = nn.Linear(self.encoders.embed_dim, 2 * len(OBJECT_COLOURS)).to(self.device)
             groups.append({"params": list(self.layout_head.parameters()), "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _warmup_cosine(step, cfg.warmup_steps, cfg.steps))
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.loss_fn = ClipLoss()
         d = recipe.data
@@ -206,11 +205,6 @@ def _param_groups(encoders: ClipEncoders, weight_decay: float) -> list[dict]:
         (no_decay if exclude else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
-
-def _warmup_cosine(step: int, warmup: int, steps: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 def _batches(data: Iterable, batch_size: int, seed: int, start: int) -> Iterator[tuple[torch.Tensor, list[str]]]:

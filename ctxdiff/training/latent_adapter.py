@@ -35,7 +35,8 @@ from ctxdiff.pipelines.latent import (SD_DEFAULTS, LatentText2Image, build_laten
 from ctxdiff.pipelines.text2image import SamplingParams
 from ctxdiff.recipes import to_dict
 from ctxdiff.training.recipe import Recipe
-from ctxdiff.training.trainer import EMA, TrainLoop, _autocast, batch_stream, check_run_folder, step_seed
+from ctxdiff.training.trainer import (EMA, TrainLoop, _autocast, batch_stream, check_run_folder, lr_scheduler,
+                                      step_seed)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,9 +74,7 @@ class LatentAdapterTrainer(TrainLoop):
         self.ema = EMA(self.adapter, cfg.ema_decay, cfg.ema_warmup)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
-        warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.step = 0
         if resume:

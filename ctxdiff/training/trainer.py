@@ -171,6 +171,23 @@ def _init_from_bundle(path: str, prefix: str, unet: UNet, adapter: nn.Module | N
         load_module_state(module, bundle.tensors[name], f"{path} {name}")
 
 
+def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
+    """The learning rate at optimizer step `step` over its peak: linear warmup over `warmup` steps,
+    then constant or a half cosine that reaches 0 at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.lr_schedule` (null: cosine for the clip stage, as open_clip, constant otherwise)."""
+    schedule = cfg.lr_schedule or ("cosine" if cfg.stage == "clip" else "constant")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps, schedule))
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**63 - 1)
 
@@ -314,9 +331,7 @@ class Trainer(TrainLoop):
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.step = 0
         if resume:
