@@ -44,8 +44,9 @@ def main() -> None:
     report = {"model": args.model, "params": params.__dict__, "seconds_one_image": one_image}
     for kind in ("single", "two"):
         prompts = held_out_prompts(args.n, seed=2024, kind=kind)
-        images = np.concatenate([to_uint8(pipe.sample(prompts[i:i + args.batch], list(range(i, i + args.batch)), params))
-                                 for i in range(0, len(prompts), args.batch)])
+        chunks = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+        images = np.concatenate([to_uint8(pipe.sample(chunk, list(range(i * args.batch, i * args.batch + len(chunk))),
+                                                      params)) for i, chunk in enumerate(chunks)])
         result = judge_many(list(images), prompts)
         report[kind] = {row[1]: row[4] for row in result.rows() if row[0] == kind}
         report[kind]["all_correct"] = result.all_correct_rate(kind)

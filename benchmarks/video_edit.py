@@ -103,7 +103,7 @@ def measure_one(model: str, frames: int, adapter: bool, device: str, tune_steps:
                                                           checkpoint_every=10**6), run)
         tuner.train_step()  # warm-up
         tune_s = timed(lambda: [tuner.train_step() for _ in range(tune_steps)], dev) / tune_steps
-    vmodel.unet.eval()
+        tuner.end_tuning()
     params = InversionParams(steps=steps, adapter=adapter, attention=True, attention_on_cpu=dev.type == "cuda")
     holder = {}
     invert_s = timed(lambda: holder.setdefault("inv", invert_video(vmodel, video, SRC, params)), dev)

@@ -224,6 +224,23 @@ def test_half_precision_sd_tunes_float32_master_weights_under_autocast(sd, video
     assert any(p.abs().max() > 0 for n, p in tuned.items() if ".temporal.to_out." in n)   # it learned
 
 
+def test_end_tuning_after_single_steps_puts_a_half_precision_unet_back_for_inversion(sd, video, tmp_path):
+    """Driving `train_step` directly (as the cost benchmark does) leaves float32 master weights in a
+    half-precision U-Net; `end_tuning` casts them back so inversion does not mix dtypes."""
+    from ctxdiff.training.tune_video import TuneConfig, VideoTuner
+
+    model = load_video_model(sd["a"])
+    model.models.unet.to(torch.bfloat16)
+    clip = read_source(video, FRAMES, 2, 0, model.image_size)
+    tuner = VideoTuner(model, clip, SRC, TuneConfig(steps=3, lr=1e-3, checkpoint_every=10), tmp_path / "run")
+    tuner.train_step()
+    assert all(p.dtype == torch.float32 for p in model.unet.tunable_state().values())
+    tuner.end_tuning()
+    assert all(p.dtype == torch.bfloat16 for p in model.unet.tunable_state().values())
+    inverted = invert_video(model, clip, SRC, InversionParams(steps=2))
+    assert torch.isfinite(inverted.trajectory[-1].float()).all()
+
+
 def test_refine_maps_padding_after_the_end_token_to_the_source_padding():
     source, target = [49406, 320, 736, 49407], [49406, 320, 1205, 1746, 49407]
     alignment = align_tokens(source, target, 8, "refine", first=0)

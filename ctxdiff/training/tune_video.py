@@ -225,9 +225,15 @@ class VideoTuner:
                     self.save_checkpoint()
                     return TuneResult(self.step, loss, self.out / TUNED_FILE, interrupted=True)
         finally:
-            for p in self.model.unet.tunable_state().values():
-                p.data = p.data.to(self.dtype)   # the U-Net runs in its own precision again
-            self.model.unet.eval()
-            if self.model.adapter is not None:
-                self.model.adapter.eval()
+            self.end_tuning()
         return TuneResult(self.step, loss, self.out / TUNED_FILE, interrupted=False)
+
+    def end_tuning(self) -> None:
+        """Put the model back for inference: the tuned tensors in the U-Net's own precision (they are
+        float32 master weights while tuning), U-Net and adapter in eval mode. `run` ends with it;
+        call it after driving `train_step` directly."""
+        for p in self.model.unet.tunable_state().values():
+            p.data = p.data.to(self.dtype)
+        self.model.unet.eval()
+        if self.model.adapter is not None:
+            self.model.adapter.eval()
