@@ -3,6 +3,8 @@
 import dataclasses
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -183,6 +185,26 @@ def test_adapter_after_one_step_is_nonzero_and_depends_on_text_and_timestep():
     torch.testing.assert_close(r, adapter(x0, cond, torch.tensor([100, 100])))
     torch.testing.assert_close(r[1:], adapter(x0[1:], cond[1:], 100))
     assert adapter(torch.randn(1, 3, 48, 24), cond[:1], 100).shape == (1, 3, 48, 24)   # resampled positions
+
+
+def test_adapter_bound_keeps_the_bias_inside_it_and_leaves_small_biases_alone():
+    cfg = AdapterConfig(x_shape=(3, 16, 16), patch_size=4, width=32, blocks=1, text_dim=32)
+    free, bounded = ContextAdapter(cfg), ContextAdapter(replace(cfg, bound=1.0))
+    bounded.load_state_dict(free.state_dict())
+    x0, cond = torch.randn(2, 3, 16, 16), text(2)
+    for scale in (50.0, 1e-3):
+        with torch.no_grad():
+            for a in (free, bounded):
+                torch.nn.init.normal_(a.head.weight, std=scale)
+            bounded.head.weight.copy_(free.head.weight)
+        r_free, r = free(x0, cond, 500), bounded(x0, cond, 500)
+        torch.testing.assert_close(r, torch.tanh(r_free))
+        if scale > 1:
+            assert r_free.abs().max() > 5 and r.abs().max() <= 1
+    assert r_free.abs().max() < 0.05
+    torch.testing.assert_close(r, r_free, rtol=1e-3, atol=0)   # small biases: unchanged
+    with pytest.raises(ValueError, match="bound"):
+        AdapterConfig(bound=0.0)
 
 
 def test_adapter_clip_branch_reads_frozen_external_tokens_kept_out_of_its_state():
