@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctxdiff.checkpoints import latest_checkpoint, load_bundle
+from ctxdiff.checkpoints import latest_checkpoint, load_bundle, load_training_state, save_training_state
 from ctxdiff.cli import main
 from ctxdiff.data.png import read_png_metadata
 from ctxdiff.errors import CtxdiffError
@@ -267,3 +267,15 @@ def test_cosine_lr_schedule_warms_up_then_decays_to_zero_at_the_last_step(tiny_r
     # logged after each step: warmup 1/2, 2/2, then 0.5 (1 + cos(pi k / 4)) for k = 1..4
     expected = [0.001 * f for f in (1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4)), 0.0)]
     assert lrs[1:] == pytest.approx(expected, abs=1e-12)
+
+
+def test_resume_reads_an_older_checkpoints_model_config_with_todays_defaults_and_refuses_another(tiny_recipe):
+    trained(tiny_recipe(), stop_after=3)
+    path = latest_checkpoint(Path(read_recipe(tiny_recipe()).output) / "checkpoints")
+    state = load_training_state(path)
+    del state["recipe"]["model"]["adapter"]["bound"]   # written before the field existed
+    save_training_state(path, state)
+    resumed, result = trained(tiny_recipe(), resume=True)
+    assert result.step == 6
+    with pytest.raises(CtxdiffError, match="another model config"):
+        Trainer(read_recipe(tiny_recipe(), ["model.adapter.bound=1.0"]), torch.device("cpu"), resume=True)

@@ -37,8 +37,8 @@ from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
 from ctxdiff.pipelines.text2image import SamplingParams, Stage, Text2Image, build_adapter, save_t2i_bundle
-from ctxdiff.recipes import dump_recipe, to_dict
-from ctxdiff.training.recipe import Recipe
+from ctxdiff.recipes import dump_recipe, from_dict, to_dict
+from ctxdiff.training.recipe import ModelConfig, Recipe
 
 
 @dataclass
@@ -169,6 +169,15 @@ def _init_from_bundle(path: str, prefix: str, unet: UNet, adapter: nn.Module | N
         if name not in bundle.tensors:
             raise CtxdiffError(f"{path}: model.init_from has no '{name}' weights for this stage")
         load_module_state(module, bundle.tensors[name], f"{path} {name}")
+
+
+def _same_model(saved: dict | None, model: ModelConfig) -> bool:
+    """Whether a checkpoint's recorded model config is `model`, read through today's dataclasses
+    (a field added since, like `adapter.bound`, takes its default: the behaviour the run had)."""
+    try:
+        return to_dict(from_dict(ModelConfig, saved or {})) == to_dict(model)
+    except CtxdiffError:   # a key that no longer exists
+        return False
 
 
 def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
@@ -351,7 +360,7 @@ class Trainer(TrainLoop):
     def _load_latest(self) -> None:
         path = latest_checkpoint(self.ckpt_dir)
         state = load_training_state(path)
-        if state.get("recipe") is not None and state["recipe"].get("model") != to_dict(self.recipe.model):
+        if state.get("recipe") is not None and not _same_model(state["recipe"].get("model"), self.recipe.model):
             raise CtxdiffError(f"{path}: this checkpoint was trained with another model config; resume with the "
                                "recipe that started the run")
         self.objective.load_state_dict(state["model"])
