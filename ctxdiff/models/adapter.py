@@ -7,11 +7,11 @@ and image with CLIP ViT-B/32 and models their interaction with 8-head cross-atte
 transformer blocks.
 
 Trained jointly with the denoiser on Eq. 6 alone, an unbounded adapter can learn r ~ x_0 / k_t:
-the bias then writes the data into x_t where the noise should have hidden it (measured on the
-shapes world: |k_t r| = 2.2 against |sqrt(abar_t) x_0| = 0.15 at t = 0.9 T), the denoiser reads
+the bias then writes the data into x_t where the noise should have hidden it (shapes world, t = 0.9 T:
+|k_t r| is 8-15x |sqrt(abar_t) x_0|, `benchmarks/word_use.py`'s leak@.9T), the denoiser reads
 the layout off x_t instead of learning it from the text, and at sampling time, where r is computed
 from the model's own x0_hat, whatever the first noisy prediction shows is amplified and kept.
-`bound` keeps r in the data's range (|r| < bound; 1 for images in [-1, 1]): k_t <= 1/4, so the
+`bound` keeps r in the data's range (|r| <= bound; 1 for images in [-1, 1]): k_t <= 1/4, so the
 bias can at most add k_t x_0 to the signal sqrt(abar_t) x_0, never swamp the noise.
 
 Layout: the patches of x_0 (plus, with `image_branch="clip"`, the tokens of a frozen

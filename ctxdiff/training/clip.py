@@ -206,7 +206,6 @@ def _param_groups(encoders: ClipEncoders, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-
 def _batches(data: Iterable, batch_size: int, seed: int, start: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Endless (images [B, 3, H, W], captions) batches from step `start` on: a sized Dataset is
     reshuffled each epoch (permutations from one generator seeded by `seed`), any other iterable
