@@ -3,8 +3,6 @@
 import dataclasses
 import json
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -189,7 +187,7 @@ def test_adapter_after_one_step_is_nonzero_and_depends_on_text_and_timestep():
 
 def test_adapter_bound_keeps_the_bias_inside_it_and_leaves_small_biases_alone():
     cfg = AdapterConfig(x_shape=(3, 16, 16), patch_size=4, width=32, blocks=1, text_dim=32)
-    free, bounded = ContextAdapter(cfg), ContextAdapter(replace(cfg, bound=1.0))
+    free, bounded = ContextAdapter(cfg), ContextAdapter(dataclasses.replace(cfg, bound=1.0))
     bounded.load_state_dict(free.state_dict())
     x0, cond = torch.randn(2, 3, 16, 16), text(2)
     for scale in (50.0, 1e-3):

@@ -264,7 +264,8 @@ def test_a_v_prediction_recipe_trains_and_generates_with_the_recipe_schedule(tin
 def test_cosine_lr_schedule_warms_up_then_decays_to_zero_at_the_last_step(tiny_recipe, tmp_path):
     trained(tiny_recipe(), ["train.lr_schedule=cosine", "train.warmup_steps=2", "train.lr=0.001"])
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # logged after each step: warmup 1/2, 2/2, then 0.5 (1 + cos(pi k / 4)) for k = 1..4
+    # the lr for the next step, logged after each: warmup ends at 2/2 after step 1; from step 2 on,
+    # 0.5 (1 + cos(pi k / 4)) for k = 0..4 (the first, k = 0, is the full lr)
     expected = [0.001 * f for f in (1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4)), 0.0)]
     assert lrs[1:] == pytest.approx(expected, abs=1e-12)
 

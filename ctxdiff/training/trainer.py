@@ -37,7 +37,7 @@ from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
 from ctxdiff.pipelines.text2image import SamplingParams, Stage, Text2Image, build_adapter, save_t2i_bundle
-from ctxdiff.recipes import dump_recipe, from_dict, to_dict
+from ctxdiff.recipes import TrainConfig, dump_recipe, from_dict, to_dict
 from ctxdiff.training.recipe import ModelConfig, Recipe
 
 
@@ -190,7 +190,7 @@ def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """`train.lr_schedule` (null: cosine for the clip stage, as open_clip, constant otherwise)."""
     schedule = cfg.lr_schedule or ("cosine" if cfg.stage == "clip" else "constant")
     return torch.optim.lr_scheduler.LambdaLR(
