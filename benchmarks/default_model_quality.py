@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    parser.add_argument("--eta", type=float, default=None, help="DDIM stochasticity")
+    parser.add_argument("--kinds", default="single,two", help="which prompt kinds to judge")
     parser.add_argument("--no-adapter", action="store_true")
     parser.add_argument("--base-only", action="store_true", help="judge the 32x32 base stage")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -37,12 +40,13 @@ def main() -> None:
         pipe.sr = None
     d = pipe.defaults
     params = replace(d, steps=args.steps or d.steps, guidance=d.guidance if args.guidance is None else args.guidance,
+                     sampler=args.sampler or d.sampler, eta=d.eta if args.eta is None else args.eta,
                      adapter=not args.no_adapter)
     start = time.perf_counter()
     pipe.sample(["a red circle above a blue square"], [0], params)
     one_image = time.perf_counter() - start
     report = {"model": args.model, "params": params.__dict__, "seconds_one_image": one_image}
-    for kind in ("single", "two"):
+    for kind in args.kinds.split(","):
         prompts = held_out_prompts(args.n, seed=2024, kind=kind)
         chunks = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
         images = np.concatenate([to_uint8(pipe.sample(chunk, list(range(i * args.batch, i * args.batch + len(chunk))),

@@ -377,6 +377,8 @@ class TrainConfig:
     lowres_noise_level: float = 0.2  # SR stage: noise level of the low-res condition (Imagen)
     layout_loss: float = 0.0  # clip stage, shapes: weight of the auxiliary loss that makes the image
                               # embedding say where each object is (ClipTrainer)
+    shape_loss: float = 0.0   # clip stage, shapes: weight of the auxiliary loss that makes the image and
+                              # text embeddings say which shape each object has (ClipTrainer)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -389,6 +391,7 @@ class TrainConfig:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.layout_loss >= 0, f"layout_loss must be >= 0, got {self.layout_loss}")
+        _check(self.shape_loss >= 0, f"shape_loss must be >= 0, got {self.shape_loss}")
         _check(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be in [0, 1), got {self.adam_betas}")
         _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")

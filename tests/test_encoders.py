@@ -305,7 +305,36 @@ def test_layout_head_learns_where_objects_are_and_resumes_exactly(tmp_path):
     part.run(should_stop=lambda: part.step >= 20)
     resumed = ClipTrainer(replace(recipe, output=str(tmp_path / "part")), resume=True)
     resumed.run()
-    assert torch.equal(full.layout_head.weight, resumed.layout_head.weight)
+    assert torch.equal(full.heads['layout'].weight, resumed.heads['layout'].weight)
     without = replace(recipe, output=str(tmp_path / "part"), train=replace(recipe.train, layout_loss=0.0))
     with pytest.raises(CtxdiffError, match="another train.layout_loss"):
+        ClipTrainer(without, resume=True)
+
+
+def test_shape_head_reads_every_objects_shape_from_image_and_text_and_resumes_exactly(tmp_path):
+    """train.shape_loss: the head's shape error falls on images and captions alike, it is
+    checkpointed with the run, and a checkpoint made with another shape_loss is refused on --resume."""
+    recipe = clip_recipe(tmp_path / "full", steps=30, batch_size=16, shape_loss=2.0, checkpoint_every=10)
+    full = ClipTrainer(recipe)
+    world = full.dataset.world
+    scenes = [world.scene(i) for i in range(64)]
+    images = torch.stack([torch.from_numpy(world.render(s)) for s in scenes]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    captions = [s.caption for s in scenes]
+
+    def errors(trainer):
+        with torch.no_grad():
+            return (trainer.shape_error(captions, trainer.encoders.image_features(images)).item(),
+                    trainer.shape_error(captions, trainer.encoders.text_features(captions)).item())
+
+    before = errors(full)
+    full.run()
+    after = errors(full)
+    assert after[0] < 0.7 * before[0] and after[1] < 0.7 * before[1], (before, after)
+    part = ClipTrainer(replace(recipe, output=str(tmp_path / "part")))
+    part.run(should_stop=lambda: part.step >= 20)
+    resumed = ClipTrainer(replace(recipe, output=str(tmp_path / "part")), resume=True)
+    resumed.run()
+    assert torch.equal(full.heads["shape"].weight, resumed.heads["shape"].weight)
+    without = replace(recipe, output=str(tmp_path / "part"), train=replace(recipe.train, shape_loss=0.0))
+    with pytest.raises(CtxdiffError, match="another train.shape_loss"):
         ClipTrainer(without, resume=True)

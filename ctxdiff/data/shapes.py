@@ -454,6 +454,23 @@ def colour_layout(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return centroids, mass >= 2
 
 
+def colour_shapes(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which shape each object colour has in captioned scenes, read from the captions alone.
+
+    Returns labels [B, K] (indices into SHAPES; 0 where absent) and present [B, K] (bool) for the K
+    object colours in OBJECT_COLOURS order: within a scene the object colours differ, so a colour
+    names its object (the caption-side companion of `colour_layout`, for `train.shape_loss`).
+    """
+    colours = list(OBJECT_COLOURS)
+    labels = torch.zeros(len(captions), len(colours), dtype=torch.long)
+    present = torch.zeros(len(captions), len(colours), dtype=torch.bool)
+    for i, caption in enumerate(captions):
+        for obj in parse_caption(caption).objects:
+            k = colours.index(obj.colour)
+            labels[i, k], present[i, k] = SHAPES.index(obj.shape), True
+    return labels, present
+
+
 # -- the world ---------------------------------------------------------------------------------
 
 class ShapesWorld:
