@@ -6,6 +6,7 @@ from these features (with `word_tokens`, the U-Net also sees the words' input em
 distance is the last column).
 
     python benchmarks/clip_words.py [--model FILE]      # default: the bundled model's CLIP
+    python benchmarks/clip_words.py --model runs/shapes-clip-shape/clip.safetensors   # a CLIP alone
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from ctxdiff.checkpoints import load_bundle
+from ctxdiff.models.encoders import ClipConfig, load_clip
 from ctxdiff.pipelines.text2image import DEFAULT_MODEL, Text2Image
 
 BASE = "a large red circle on the left on a white background"
@@ -26,9 +29,10 @@ WORD = {"shape": "circle", "colour": "red", "size": "large", "position": "left",
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a t2i bundle (its CLIP is measured)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a t2i bundle (its CLIP is measured) or a CLIP bundle")
     args = parser.parse_args()
-    clip = Text2Image.from_bundle(args.model).clip
+    is_clip = load_bundle(args.model).kind == "clip"
+    clip = load_clip(ClipConfig(weights=args.model)) if is_clip else Text2Image.from_bundle(args.model).clip
     width = clip.clip.transformer.width   # the output states; any columns after them are word embeddings
     rows = []
     for attribute, words in SWAPS.items():
