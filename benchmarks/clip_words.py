@@ -29,7 +29,8 @@ WORD = {"shape": "circle", "colour": "red", "size": "large", "position": "left",
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a t2i bundle (its CLIP is measured) or a CLIP bundle")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="a t2i bundle (its CLIP is measured) or a CLIP bundle")
     args = parser.parse_args()
     is_clip = load_bundle(args.model).kind == "clip"
     clip = load_clip(ClipConfig(weights=args.model)) if is_clip else Text2Image.from_bundle(args.model).clip

@@ -13,7 +13,8 @@ from PIL import Image
 import ctxdiff.cli.shapes  # noqa: F401  (registers `ctxdiff shapes`)
 from ctxdiff.cli import main
 from ctxdiff.data.shapes import (BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPE_CENTROID_DROP, SHAPES,
-                                 ShapesDataset, ShapesWorld, ShapeTwinsDataset, colour_layout, colour_shapes, held_out_prompts, moving_shape_video, parse_caption, render_scene,
+                                 ShapesDataset, ShapesWorld, ShapeTwinsDataset, colour_layout, colour_shapes,
+                                 held_out_prompts, moving_shape_video, parse_caption, render_scene,
                                  scene_from_caption, write_samples)
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.metrics.shapes_judge import judge, judge_many, judge_video

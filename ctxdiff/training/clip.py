@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from open_clip.loss import ClipLoss
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 from torch import nn
 
 from ctxdiff.checkpoints import latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state, \
@@ -121,7 +121,8 @@ class ClipTrainer(TrainLoop):
         """Cross-entropy of the head's shape for every object colour a caption states, read off
         image or text features (unit vectors, scaled by SHAPE_LOGIT_SCALE)."""
         labels, present = (t.to(self.device) for t in colour_shapes(captions))
-        logits = self.heads["shape"](SHAPE_LOGIT_SCALE * features).view(len(features), len(OBJECT_COLOURS), len(SHAPES))
+        logits = self.heads["shape"](SHAPE_LOGIT_SCALE * features)
+        logits = logits.view(len(features), len(OBJECT_COLOURS), len(SHAPES))
         return F.cross_entropy(logits[present], labels[present])
 
     def preview(self) -> None:
