@@ -127,6 +127,18 @@ def test_hard_negatives_are_refused_outside_shapes_clip_training():
         from_dict(TrainingRecipe, {"data": {"source": "pics", "hard_negatives": True}, "train": {"stage": "clip"}})
 
 
+@pytest.mark.parametrize("loss", ["layout_loss", "shape_loss"])
+def test_auxiliary_clip_losses_are_refused_outside_shapes_clip_training(loss):
+    assert getattr(from_dict(TrainingRecipe, {"data": {"source": "shapes"}, "train": {"stage": "clip", loss: 1.0}}).train,
+                   loss) == 1.0
+    with pytest.raises(UsageError, match=rf"train\.{loss} is for CLIP training on the shapes world"):
+        from_dict(TrainingRecipe, {"data": {"source": "shapes"}, "train": {"stage": "base", loss: 1.0}})
+    with pytest.raises(UsageError, match=rf"train\.{loss} is for CLIP training on the shapes world"):
+        from_dict(TrainingRecipe, {"data": {"source": "pics"}, "train": {"stage": "clip", loss: 1.0}})
+    with pytest.raises(UsageError, match=rf"^train\.{loss} must be >= 0"):
+        from_dict(TrainingRecipe, {"data": {"source": "shapes"}, "train": {"stage": "clip", loss: -1.0}})
+
+
 def test_overrides_set_nested_keys_with_yaml_values():
     data = {"train": {"lr": 0.1}, "model": {"sr": {"channels": 8}}}
     out = apply_overrides(
