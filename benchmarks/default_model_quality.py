@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     parser.add_argument("--eta", type=float, default=None, help="DDIM stochasticity")
+    parser.add_argument("--lowres-noise", type=float, default=None,
+                        help="noise-augmentation level of the SR stage's low-res input (0: clean, 1: pure noise)")
     parser.add_argument("--kinds", default="single,two", help="which prompt kinds to judge")
     parser.add_argument("--no-adapter", action="store_true")
     parser.add_argument("--base-only", action="store_true", help="judge the 32x32 base stage")
@@ -38,10 +40,9 @@ def main() -> None:
     pipe = Text2Image.from_bundle(args.model, args.device)
     if args.base_only:
         pipe.sr = None
-    d = pipe.defaults
-    params = replace(d, steps=args.steps or d.steps, guidance=d.guidance if args.guidance is None else args.guidance,
-                     sampler=args.sampler or d.sampler, eta=d.eta if args.eta is None else args.eta,
-                     adapter=not args.no_adapter)
+    given = {"sampler": args.sampler, "steps": args.steps, "eta": args.eta, "guidance": args.guidance,
+             "lowres_noise_level": args.lowres_noise}
+    params = replace(pipe.defaults, **{k: v for k, v in given.items() if v is not None}, adapter=not args.no_adapter)
     start = time.perf_counter()
     pipe.sample(["a red circle above a blue square"], [0], params)
     one_image = time.perf_counter() - start
