@@ -301,14 +301,7 @@ def test_layout_head_learns_where_objects_are_and_resumes_exactly(tmp_path):
     before = error(full)
     full.run()
     assert error(full) < 0.5 * before, (before, error(full))
-    part = ClipTrainer(replace(recipe, output=str(tmp_path / "part")))
-    part.run(should_stop=lambda: part.step >= 20)
-    resumed = ClipTrainer(replace(recipe, output=str(tmp_path / "part")), resume=True)
-    resumed.run()
-    assert torch.equal(full.heads['layout'].weight, resumed.heads['layout'].weight)
-    without = replace(recipe, output=str(tmp_path / "part"), train=replace(recipe.train, layout_loss=0.0))
-    with pytest.raises(CtxdiffError, match="another train.layout_loss"):
-        ClipTrainer(without, resume=True)
+    _assert_head_resumes_exactly(full, "layout", tmp_path / "part")
 
 
 def test_shape_head_reads_every_objects_shape_from_image_and_text_and_resumes_exactly(tmp_path):
@@ -330,11 +323,18 @@ def test_shape_head_reads_every_objects_shape_from_image_and_text_and_resumes_ex
     full.run()
     after = errors(full)
     assert after[0] < 0.7 * before[0] and after[1] < 0.7 * before[1], (before, after)
-    part = ClipTrainer(replace(recipe, output=str(tmp_path / "part")))
+    _assert_head_resumes_exactly(full, "shape", tmp_path / "part")
+
+
+def _assert_head_resumes_exactly(full: ClipTrainer, name: str, folder) -> None:
+    """A run stopped at step 20 and resumed ends with the head `full` ended with, and a checkpoint
+    made with the head's loss is refused by a recipe without it."""
+    recipe = replace(full.recipe, output=str(folder))
+    part = ClipTrainer(recipe)
     part.run(should_stop=lambda: part.step >= 20)
-    resumed = ClipTrainer(replace(recipe, output=str(tmp_path / "part")), resume=True)
+    resumed = ClipTrainer(recipe, resume=True)
     resumed.run()
-    assert torch.equal(full.heads["shape"].weight, resumed.heads["shape"].weight)
-    without = replace(recipe, output=str(tmp_path / "part"), train=replace(recipe.train, shape_loss=0.0))
-    with pytest.raises(CtxdiffError, match="another train.shape_loss"):
+    assert torch.equal(full.heads[name].weight, resumed.heads[name].weight)
+    without = replace(recipe, train=replace(recipe.train, **{f"{name}_loss": 0.0}))
+    with pytest.raises(CtxdiffError, match=f"another train.{name}_loss"):
         ClipTrainer(without, resume=True)
