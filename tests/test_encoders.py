@@ -291,8 +291,7 @@ def test_layout_head_learns_where_objects_are_and_resumes_exactly(tmp_path):
     recipe = clip_recipe(tmp_path / "full", steps=30, batch_size=16, layout_loss=10.0, checkpoint_every=10)
     full = ClipTrainer(recipe)
     world = full.dataset.world
-    images = torch.stack([torch.from_numpy(world.render(world.scene(i))) for i in range(64)])
-    images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    images, _ = _world_pairs(world, 64)
 
     def error(trainer):
         with torch.no_grad():
@@ -310,9 +309,7 @@ def test_shape_head_reads_every_objects_shape_from_image_and_text_and_resumes_ex
     recipe = clip_recipe(tmp_path / "full", steps=30, batch_size=16, shape_loss=2.0, checkpoint_every=10)
     full = ClipTrainer(recipe)
     world = full.dataset.world
-    scenes = [world.scene(i) for i in range(64)]
-    images = torch.stack([torch.from_numpy(world.render(s)) for s in scenes]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    captions = [s.caption for s in scenes]
+    images, captions = _world_pairs(world, 64)
 
     def errors(trainer):
         with torch.no_grad():
@@ -324,6 +321,13 @@ def test_shape_head_reads_every_objects_shape_from_image_and_text_and_resumes_ex
     after = errors(full)
     assert after[0] < 0.7 * before[0] and after[1] < 0.7 * before[1], (before, after)
     _assert_head_resumes_exactly(full, "shape", tmp_path / "part")
+
+
+def _world_pairs(world, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first n scenes of a shapes world: images [n, 3, H, W] in [-1, 1] and their captions."""
+    scenes = [world.scene(i) for i in range(n)]
+    images = torch.stack([torch.from_numpy(world.render(s)) for s in scenes]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, [s.caption for s in scenes]
 
 
 def _assert_head_resumes_exactly(full: ClipTrainer, name: str, folder) -> None:

@@ -31,6 +31,7 @@ from ctxdiff.training.trainer import TrainLoop, check_run_folder, lr_scheduler
 PRECISIONS = ("fp32", "bf16")
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp on the learned temperature
 SHAPE_LOGIT_SCALE = 1 / 0.07      # the shape head's input scale: open_clip's initial temperature
+HEAD_OUTPUTS = {"layout": 2, "shape": len(SHAPES)}  # auxiliary heads (train.<name>_loss): outputs per object colour
 
 
 class ClipTrainer(TrainLoop):
@@ -67,9 +68,9 @@ class ClipTrainer(TrainLoop):
         torch.manual_seed(cfg.seed)
         self.encoders = load_clip(recipe.model.clip, self.device, trainable=True)
         groups = _param_groups(self.encoders, cfg.weight_decay)
-        outputs = {"layout": (cfg.layout_loss, 2), "shape": (cfg.shape_loss, len(SHAPES))}  # per object colour
         self.heads = nn.ModuleDict({name: nn.Linear(self.encoders.embed_dim, size * len(OBJECT_COLOURS))
-                                    for name, (weight, size) in outputs.items() if weight}).to(self.device)
+                                    for name, size in HEAD_OUTPUTS.items() if getattr(cfg, f"{name}_loss")})
+        self.heads.to(self.device)
         if self.heads:
             groups.append({"params": list(self.heads.parameters()), "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
@@ -148,7 +149,7 @@ class ClipTrainer(TrainLoop):
             raise CtxdiffError(f"{path}: this checkpoint was trained with another CLIP or data; resume with the "
                                "recipe that started the run")
         self.encoders.clip.load_state_dict(state["clip"])
-        for name in ("layout", "shape"):
+        for name in HEAD_OUTPUTS:
             if (name in self.heads) != (f"{name}_head" in state):
                 raise CtxdiffError(f"{path}: this checkpoint was trained with another train.{name}_loss; resume "
                                    "with the recipe that started the run")
