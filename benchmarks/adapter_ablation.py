@@ -1,13 +1,14 @@
 """Does context help? The adapter ablation on the shapes world (paper claims: better alignment at
 every guidance weight, faster convergence, a tighter likelihood bound).
 
-Two runs of the same recipe, seed and steps: `recipes/shapes.yaml` (adapter) and
-`recipes/shapes-noadapter.yaml` (r = 0). Compares their base stages (32x32) on held-out prompts:
+Two runs of the same recipe, seed and steps, one with the adapter and one with `model.adapter: null`
+(r = 0): `recipes/shapes-bounded.yaml` and `recipes/shapes-bounded-noadapter.yaml` (the shipped base
+stage), or `recipes/shapes.yaml` and `recipes/shapes-noadapter.yaml` (the previous default). Compares their base stages (32x32) on held-out prompts:
 judge accuracy per attribute (no neural network), CLIP score and FID on the shapes CLIP's image
 features, bits/dim on held-out images, the guidance sweep, and the loss / judge-accuracy curves
 over training steps. Writes results.json, a Markdown table, curves.png and guidance.png.
 
-    python benchmarks/adapter_ablation.py runs/shapes-base runs/shapes-base-noadapter --out results/ablation
+    python benchmarks/adapter_ablation.py runs/shapes-bounded-base runs/shapes-bounded-noadapter --out results/ablation
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def load_ema_step(pipe: Text2Image, checkpoint: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("with_adapter", type=Path, help="run folder of recipes/shapes.yaml (base stage)")
-    parser.add_argument("without_adapter", type=Path, help="run folder of recipes/shapes-noadapter.yaml")
+    parser.add_argument("with_adapter", type=Path, help="run folder of a base stage with the adapter")
+    parser.add_argument("without_adapter", type=Path, help="run folder of the same recipe with r = 0")
     parser.add_argument("--out", type=Path, default=Path("results/ablation"))
     parser.add_argument("--n", type=int, default=500, help="held-out prompts (half single-, half two-object)")
     parser.add_argument("--curve-n", type=int, default=200, help="prompts per checkpoint for the judge curve")

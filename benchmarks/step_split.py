@@ -1,9 +1,12 @@
 """Where a training step of a recipe goes: seconds per step of the recipe as it is, with the
 adapter's image branch reduced to its own patch embedding (no CLIP image tower on x_0), and
-without the adapter (r = 0). The three arms train side by side in one process, alternating in
-blocks of `--block` steps after one warm-up step each; the median block is reported (machines are noisy).
+without the adapter (r = 0), or of arms given as `--arm NAME=KEY=VALUE;KEY=VALUE` (recipe overrides,
+as `ctxdiff train --set` takes them; the recipe itself is always the first arm). The arms train side by
+side in one process, alternating in blocks of `--block` steps after one warm-up step each; the median
+block is reported (machines are noisy).
 
     python benchmarks/step_split.py recipes/shapes-bounded.yaml [--reps 6] [--block 3]
+    python benchmarks/step_split.py recipes/shapes-bounded.yaml --arm "efficient=model.unet.efficient=true"
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ import torch
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import Trainer
 
-ARMS = {"recipe": [],
-        "adapter, patch branch only": ["model.adapter.image_branch=patch", "model.adapter.image_dim=0"],
-        "no adapter": ["model.adapter=null"]}
+DEFAULT_ARMS = {"adapter, patch branch only": ["model.adapter.image_branch=patch", "model.adapter.image_dim=0"],
+                "no adapter": ["model.adapter=null"]}
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """"NAME=KEY=VALUE;KEY=VALUE" -> (NAME, ["KEY=VALUE", ...])."""
+    name, _, sets = text.partition("=")
+    if not name or not sets:
+        raise argparse.ArgumentTypeError(f"an arm is NAME=KEY=VALUE[;KEY=VALUE...], got {text!r}")
+    return name, sets.split(";")
 
 
 def main() -> None:
@@ -28,11 +38,14 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--block", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--arm", type=parse_arm, action="append", default=[],
+                        help="NAME=KEY=VALUE[;KEY=VALUE...] (repeatable; default: the patch-branch and no-adapter arms)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    arms = {"recipe": [], **(dict(args.arm) or DEFAULT_ARMS)}
     folder = tempfile.mkdtemp()
     trainers = {name: Trainer(read_recipe(args.recipe, [f"output={folder}/{i}", "train.sample_every=0", *sets]),
-                              torch.device(args.device)) for i, (name, sets) in enumerate(ARMS.items())}
+                              torch.device(args.device)) for i, (name, sets) in enumerate(arms.items())}
     for trainer in trainers.values():
         trainer.train_step()
     seconds = {name: [] for name in trainers}
