@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxdiff.checkpoints import load_training_state
-from ctxdiff.data.png import to_uint8
+from ctxdiff.checkpoints import numbered_checkpoints
 from ctxdiff.data.shapes import ShapesDataset, ShapesWorld, held_out_prompts, render_scene, scene_from_caption
 from ctxdiff.diffusion import variational_bound
 from ctxdiff.metrics.clip_score import embed_images, embed_prompts, scores_from_embeddings
 from ctxdiff.metrics.fid import feature_stats, frechet_distance
 from ctxdiff.metrics.shapes_judge import judge_many
+from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import Text2Image
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count")
@@ -40,9 +40,7 @@ def prompts_and_seeds(n: int, seed: int) -> tuple[list[str], list[int]]:
 
 
 def generate(pipe: Text2Image, prompts, seeds, guidance: float, steps: int, batch: int) -> np.ndarray:
-    params = replace(pipe.defaults, guidance=guidance, steps=steps)
-    out = [to_uint8(pipe.sample(prompts[i:i + batch], seeds[i:i + batch], params)) for i in range(0, len(prompts), batch)]
-    return np.concatenate(out)
+    return sample_uint8(pipe, prompts, seeds, replace(pipe.defaults, guidance=guidance, steps=steps), batch)
 
 
 def alignment(pipe: Text2Image, images: np.ndarray, prompts: list[str], reference_feats: np.ndarray) -> dict:
@@ -72,13 +70,6 @@ def bits_per_dim(pipe: Text2Image, adapter: bool, n: int, batch: int, timesteps:
                                   num_timesteps=timesteps, generator=gen)
         totals.append(bound.total.cpu())
     return torch.cat(totals).mean().item()
-
-
-def load_ema_step(pipe: Text2Image, checkpoint: Path) -> None:
-    ema = load_training_state(checkpoint)["ema"]
-    pipe.base.unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
-    if pipe.base.adapter is not None:
-        pipe.base.adapter.load_state_dict({k[8:]: v for k, v in ema.items() if k.startswith("adapter.")})
 
 
 def main() -> None:
@@ -118,11 +109,10 @@ def main() -> None:
         arm["bits_per_dim"] = bits_per_dim(pipe, name == "adapter", args.bpd_n, args.batch, args.bpd_timesteps, device)
         curve_prompts, curve_seeds = prompts_and_seeds(args.curve_n, seed=11)
         arm["judge_curve"] = []
-        for checkpoint in sorted((run / "checkpoints").glob("step-*.pt")):
-            step = int(checkpoint.stem.split("-")[1])
+        for step, checkpoint in numbered_checkpoints(run / "checkpoints"):
             if step % args.curve_every:
                 continue
-            load_ema_step(pipe, checkpoint)
+            pipe.load_base_checkpoint(checkpoint)
             images = generate(pipe, curve_prompts, curve_seeds, pipe.defaults.guidance, args.steps, args.batch)
             report = judge_many(list(images), curve_prompts)
             arm["judge_curve"].append({"step": step,

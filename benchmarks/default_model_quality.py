@@ -12,12 +12,11 @@ import json
 import time
 from dataclasses import replace
 
-import numpy as np
 import torch
 
-from ctxdiff.data.png import to_uint8
 from ctxdiff.data.shapes import held_out_prompts
 from ctxdiff.metrics.shapes_judge import judge_many
+from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import DEFAULT_MODEL, Text2Image
 
 
@@ -49,10 +48,7 @@ def main() -> None:
     report = {"model": args.model, "params": params.__dict__, "seconds_one_image": one_image}
     for kind in args.kinds.split(","):
         prompts = held_out_prompts(args.n, seed=2024, kind=kind)
-        chunks = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
-        images = np.concatenate([to_uint8(pipe.sample(chunk, list(range(i * args.batch, i * args.batch + len(chunk))),
-                                                      params)) for i, chunk in enumerate(chunks)])
-        result = judge_many(list(images), prompts)
+        result = judge_many(list(sample_uint8(pipe, prompts, list(range(len(prompts))), params, args.batch)), prompts)
         report[kind] = {row[1]: row[4] for row in result.rows() if row[0] == kind}
         report[kind]["all_correct"] = result.all_correct_rate(kind)
     print(json.dumps(report, indent=1, default=str))

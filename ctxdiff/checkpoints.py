@@ -336,7 +336,9 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def _numbered(folder: Path, pattern: str) -> list[tuple[int, Path]]:
+def numbered_checkpoints(folder: str | Path, pattern: str = TRAINING_STATE_GLOB) -> list[tuple[int, Path]]:
+    """(step, path) of the files in `folder` matching `pattern` (its '*' is the step), by step."""
+    folder = Path(folder)
     if pattern.count("*") != 1:
         raise ValueError(f"checkpoint pattern needs exactly one '*' for the step number, got {pattern!r}")
     head, tail = pattern.split("*")
@@ -353,7 +355,7 @@ def rotate_checkpoints(folder: str | Path, pattern: str = TRAINING_STATE_GLOB, k
     """Delete all but the newest `keep_last` files matching `pattern` (its '*' is the step); returns the deleted."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    old = [path for _, path in _numbered(Path(folder), pattern)[:-keep_last]]
+    old = [path for _, path in numbered_checkpoints(folder, pattern)[:-keep_last]]
     for path in old:
         path.unlink(missing_ok=True)
     return old
@@ -361,5 +363,5 @@ def rotate_checkpoints(folder: str | Path, pattern: str = TRAINING_STATE_GLOB, k
 
 def latest_checkpoint(folder: str | Path, pattern: str = TRAINING_STATE_GLOB) -> Path | None:
     """The training state with the highest step number in `folder`, or None."""
-    found = _numbered(Path(folder), pattern)
+    found = numbered_checkpoints(folder, pattern)
     return found[-1][1] if found else None

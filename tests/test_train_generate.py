@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ctxdiff.checkpoints import latest_checkpoint, load_bundle, load_training_st
 from ctxdiff.cli import main
 from ctxdiff.data.png import read_png_metadata
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import DenoisingObjective, Trainer
@@ -49,6 +51,22 @@ def test_training_writes_checkpoints_metrics_and_a_bundle(tiny_recipe, tmp_path)
     assert (run / "samples" / "step-00000003.png").exists()
     bundle = load_bundle(run / "model.safetensors", kind="t2i")
     assert {"clip", "unet", "adapter"} <= set(bundle.tensors) and bundle.extra["step"] == 6
+
+
+def test_a_bundle_takes_the_ema_weights_of_any_checkpoint_of_its_run(tiny_recipe, tmp_path):
+    trained(tiny_recipe())
+    run = tmp_path / "run"
+    pipe = Text2Image.from_bundle(run / "model.safetensors")
+    ema = load_training_state(run / "checkpoints" / "step-00000004.pt")["ema"]
+    modules = {"unet.": pipe.base.unet, "adapter.": pipe.base.adapter}
+
+    def matches() -> bool:
+        return all(torch.equal(value, ema[prefix + name].to(value.dtype))
+                   for prefix, module in modules.items() for name, value in module.state_dict().items())
+
+    assert not matches()  # the bundle holds step 6
+    pipe.load_base_checkpoint(run / "checkpoints" / "step-00000004.pt")
+    assert matches()
 
 
 def test_training_without_adapter_uses_the_same_path(tiny_recipe):
@@ -147,6 +165,17 @@ def test_empty_or_captionless_dataset_is_a_clear_error(tiny_recipe, tmp_path, ca
 def model_path(tiny_recipe, tmp_path):
     trained(tiny_recipe())
     return tmp_path / "run" / "model.safetensors"
+
+
+def test_batched_sampling_gives_each_prompt_and_seed_its_own_image(model_path):
+    pipe = Text2Image.from_bundle(model_path)
+    prompts, seeds = ["a red circle", "a blue square", "a green cross"], [5, 6, 7]
+    params = replace(pipe.defaults, steps=3)
+    together = sample_uint8(pipe, prompts, seeds, params, batch_size=2)
+    size = pipe.image_size
+    assert together.shape == (3, size, size, 3) and together.dtype == np.uint8
+    assert np.array_equal(together[2], sample_uint8(pipe, prompts[2:], seeds[2:], params)[0])
+    assert not np.array_equal(together[0], together[1])
 
 
 def cli(*args, stdin=None):

@@ -1,10 +1,13 @@
-"""Generation for evaluation: many prompts into one folder, resumable (the zero-shot protocol)."""
+"""Generation for evaluation: many prompts into one folder, resumable (the zero-shot protocol), or
+into memory in batches (benchmarks)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from ctxdiff.data.png import save_png, to_uint8
 from ctxdiff.errors import CtxdiffError
@@ -34,3 +37,10 @@ def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed:
         if progress is not None:
             progress.advance(len(batch))
     return paths
+
+
+def sample_uint8(pipe: Text2Image, prompts: list[str], seeds: list[int], params: SamplingParams,
+                 batch_size: int = 50) -> np.ndarray:
+    """uint8 [N, H, W, 3]: image i is prompts[i] with seeds[i], made `batch_size` at a time."""
+    return np.concatenate([to_uint8(pipe.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], params))
+                           for i in range(0, len(prompts), batch_size)])

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ctxdiff.checkpoints import load_bundle, load_module_state, save_bundle
+from ctxdiff.checkpoints import load_bundle, load_module_state, load_training_state, save_bundle
 from ctxdiff.diffusion import classifier_free_guidance, make_schedule, sample_ddim, sample_ddpm, timesteps_for
 from ctxdiff.diffusion.schedule import Schedule
 from ctxdiff.errors import CtxdiffError, UsageError
@@ -115,6 +115,15 @@ class Text2Image:
                                                      float(configs.get("lowres_noise_level", 0.2)))
         return cls(clip, base, stage("sr_"), from_dict(DiffusionConfig, configs["diffusion"], "diffusion"),
                    defaults, str(path))
+
+    def load_base_checkpoint(self, path: str | Path) -> None:
+        """Put the EMA weights of a training checkpoint (`runs/.../checkpoints/step-*.pt`) of this
+        bundle's base stage into its U-Net and adapter: a bundle at any step of its run."""
+        ema = load_training_state(path)["ema"]
+        for prefix, module in (("unet.", self.base.unet), ("adapter.", self.base.adapter)):
+            if module is not None:
+                load_module_state(module, {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)},
+                                  f"{path} {prefix[:-1]}")
 
     def encode(self, prompts: list[str]) -> TextCondition:
         return self.clip.encode_text(prompts)
