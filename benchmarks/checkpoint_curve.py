@@ -67,7 +67,6 @@ def main() -> None:
         results["runs"][str(run)] = {"curve": rows, "fit": doubling_fit(rows, args.attribute, args.target)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "curve.png")
     print(f"\n| run | steps | {args.attribute} | gain per doubling | step where the line reaches {args.target} |")
     print("|---|---|---|---|---|")
     for run, r in results["runs"].items():
@@ -76,10 +75,15 @@ def main() -> None:
         reach = "never (no rise)" if fit["steps_to_target"] is None else f"{fit['steps_to_target']:,.0f}"
         values = " ".join(f"{c[args.attribute]:.2f}" for c in curve_)
         print(f"| {run} | {curve_[0]['step']}-{curve_[-1]['step']} | {values} | {gain} | {reach} |")
+    plot(results, args.out / "curve.png")
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no matplotlib here: curve.png not drawn (results.json has the numbers)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

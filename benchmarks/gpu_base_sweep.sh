@@ -6,7 +6,8 @@
 #   benchmarks/gpu_base_sweep.sh OUT_DIR CLIP_WEIGHTS 'name|recipe|--set a=b --set c=d' ...
 # OUT_DIR gets sweep.log, results.json (one judge report per variant), word-use.txt, pytest.log and,
 # per variant, <name>.unet-fp16.safetensors: the bundle without its CLIP tensors, in fp16 (small
-# enough to bring back; put the CLIP back with the same CLIP's weights).
+# enough to bring back; put the CLIP back with the same CLIP's weights). CURVE=K also judges every
+# K-th step's checkpoint of each run (benchmarks/checkpoint_curve.py: curve/results.json, curve.txt).
 set -u
 OUT=$1; CLIP=$2; shift 2
 TRAIN_S=${TRAIN_S:-420}; DEV=${DEV:-cuda}; N=${N:-200}
@@ -78,5 +79,10 @@ for name in "${names[@]}"; do
   sed -i "s|$RUNS/$name/model.safetensors|$name|" "$OUT/word-use.txt"
 done
 rm -f "$OUT"/judge-*.json
+if [ -n "${CURVE:-}" ]; then
+  runs=(); for name in "${names[@]}"; do runs+=("$RUNS/$name"); done
+  timeout 300 python3 benchmarks/checkpoint_curve.py "${runs[@]}" --n "$N" --every "$CURVE" --device "$DEV" \
+    --out "$OUT/curve" > "$OUT/curve.txt" 2>&1
+fi
 [ -n "${TESTS:-}" ] && { wait "$TESTS"; log "pytest exit $? ($(tail -1 "$OUT/pytest.log"))"; }
 log "done"
