@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctxdiff.data.png import to_uint8
 from ctxdiff.data.shapes import held_out_prompts
-from ctxdiff.diffusion import classifier_free_guidance
 from ctxdiff.metrics.shapes_judge import judge_many
-from ctxdiff.pipelines.text2image import Text2Image, run_sampler, seeded_noise
+from ctxdiff.pipelines.batch_generate import sample_uint8
+from ctxdiff.pipelines.text2image import Text2Image
 
 DEFAULTS = (1.0, 1, 1.0, 0.2, 4)
 
@@ -57,18 +55,6 @@ def clip_guided(x0_fn, pipe: Text2Image, text: torch.Tensor, setting, T: int):
     return guided
 
 
-@torch.no_grad()
-def sample(pipe: Text2Image, prompts: list[str], seeds: list[int], setting) -> np.ndarray:
-    params, base = pipe.defaults, pipe.base
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    cond = pipe.encode(prompts)
-    x0_fn = classifier_free_guidance(base.x0_fn(), pipe.encode([""]), params.guidance)
-    guided = clip_guided(x0_fn, pipe, F.normalize(cond.pooled.float(), dim=-1), setting, pipe.sched.T)
-    size, channels = base.unet.config.image_size, base.unet.config.in_channels
-    x_T = seeded_noise([channels, size, size], generators, pipe.device)
-    return to_uint8(run_sampler(params, guided, x_T, pipe.sched, params.steps, base.adapter, cond, generators))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
@@ -78,10 +64,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     pipe = Text2Image.from_bundle(args.model, args.device)
+    pipe.sr = None
     prompts = held_out_prompts(args.n, seed=2024, kind="single")
     for setting in args.settings:
-        images = np.concatenate([sample(pipe, prompts[i:i + args.batch], list(range(i, min(args.n, i + args.batch))),
-                                        setting) for i in range(0, args.n, args.batch)])
+        def guide(x0_fn, cond, setting=setting):
+            return clip_guided(x0_fn, pipe, F.normalize(cond.pooled.float(), dim=-1), setting, pipe.sched.T)
+
+        images = sample_uint8(pipe, prompts, list(range(args.n)), pipe.defaults, args.batch, guide=guide)
         report = judge_many(list(images), prompts)
         print(json.dumps({"setting": dict(zip(("scale", "iters", "tmax", "tmin", "pool"), setting)),
                           **{r[1]: round(r[4], 3) for r in report.rows() if r[0] == "single"}}), flush=True)

@@ -178,6 +178,22 @@ def test_batched_sampling_gives_each_prompt_and_seed_its_own_image(model_path):
     assert not np.array_equal(together[0], together[1])
 
 
+def test_a_guide_wraps_the_guided_denoiser_of_every_step(model_path):
+    pipe = Text2Image.from_bundle(model_path)
+    params, seen = replace(pipe.defaults, steps=3, sr_steps=2), []
+
+    def guide(x0_fn, cond):
+        seen.append(len(cond))
+        return lambda x, c, t: torch.zeros_like(x0_fn(x, c, t))
+
+    prompts, seeds = ["a red circle", "a blue square"], [1, 2]
+    plain = pipe.sample(prompts, seeds, params)
+    guided = pipe.sample(prompts, seeds, params, guide=guide)
+    assert seen == [2] * (1 + (pipe.sr is not None))   # once per stage, with the prompts' condition
+    assert not guided.any() and plain.any()   # the last step lands on the (zeroed) x0_hat
+    assert torch.equal(pipe.sample(prompts, seeds, params, guide=lambda fn, cond: fn), plain)
+
+
 def cli(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "ctxdiff", *args], capture_output=True, text=True, input=stdin,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)

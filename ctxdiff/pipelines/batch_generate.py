@@ -40,7 +40,9 @@ def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed:
 
 
 def sample_uint8(pipe: Text2Image, prompts: list[str], seeds: list[int], params: SamplingParams,
-                 batch_size: int = 50) -> np.ndarray:
-    """uint8 [N, H, W, 3]: image i is prompts[i] with seeds[i], made `batch_size` at a time."""
-    return np.concatenate([to_uint8(pipe.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], params))
+                 batch_size: int = 50, guide=None) -> np.ndarray:
+    """uint8 [N, H, W, 3]: image i is prompts[i] with seeds[i], made `batch_size` at a time (`guide`: see
+    `Text2Image.sample`)."""
+    return np.concatenate([to_uint8(pipe.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], params,
+                                                guide=guide))
                            for i in range(0, len(prompts), batch_size)])

@@ -129,9 +129,11 @@ class Text2Image:
         return self.clip.encode_text(prompts)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], params: SamplingParams, progress=None) -> torch.Tensor:
+    def sample(self, prompts: list[str], seeds: list[int], params: SamplingParams, progress=None,
+               guide: Callable | None = None) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W], one per (prompt, seed); each image depends only on its
-        own prompt, seed and `params`, not on the batch it is made in."""
+        own prompt, seed and `params`, not on the batch it is made in. `guide(x0_fn, cond) -> x0_fn`,
+        if given, wraps each stage's guided denoiser (e.g. CLIP guidance: benchmarks/clip_guidance_probe.py)."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -140,7 +142,8 @@ class Text2Image:
         base_size = self.base.unet.config.image_size
         channels = self.base.unet.config.in_channels
         x_T = seeded_noise([channels, base_size, base_size], generators, self.device)
-        images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress)
+        images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress,
+                                 guide=guide)
         if self.sr is not None:
             size = self.sr.unet.config.image_size
             lowres = upsample(images, size)
@@ -148,12 +151,14 @@ class Text2Image:
             lowres = noise_augment(lowres, level, seeded_noise(list(lowres.shape[1:]), generators, self.device))
             x_T = seeded_noise([channels, size, size], generators, self.device)
             images = self._run_stage(self.sr, x_T, cond, uncond, params, params.sr_steps, generators, progress,
-                                     lowres=lowres, lowres_t=level)
+                                     lowres=lowres, lowres_t=level, guide=guide)
         return images
 
     def _run_stage(self, stage: Stage, x_T, cond, uncond, params: SamplingParams, steps: int, generators,
-                   progress, lowres=None, lowres_t=None) -> torch.Tensor:
+                   progress, lowres=None, lowres_t=None, guide: Callable | None = None) -> torch.Tensor:
         x0_fn = classifier_free_guidance(stage.x0_fn(lowres, lowres_t), uncond, params.guidance)
+        if guide is not None:
+            x0_fn = guide(x0_fn, cond)
         return run_sampler(params, x0_fn, x_T, self.sched, steps, stage.adapter if params.adapter else None, cond,
                            generators, progress)
 
