@@ -3,10 +3,10 @@ every guidance weight, faster convergence, a tighter likelihood bound).
 
 Two runs of the same recipe, seed and steps, one with the adapter and one with `model.adapter: null`
 (r = 0): `recipes/shapes-bounded.yaml` and `recipes/shapes-bounded-noadapter.yaml` (the shipped base
-stage), or `recipes/shapes.yaml` and `recipes/shapes-noadapter.yaml` (the previous default). Compares their base stages (32x32) on held-out prompts:
-judge accuracy per attribute (no neural network), CLIP score and FID on the shapes CLIP's image
-features, bits/dim on held-out images, the guidance sweep, and the loss / judge-accuracy curves
-over training steps. Writes results.json, a Markdown table, curves.png and guidance.png.
+stage), or `recipes/shapes.yaml` and `recipes/shapes-noadapter.yaml` (the previous default).
+Compares their base stages (32x32) on held-out prompts: judge accuracy per attribute (no neural
+network), CLIP score and FID on the shapes CLIP's image features, bits/dim on held-out images, the
+guidance sweep, and the loss / judge-accuracy curves over training steps. Writes results.json, a Markdown table, curves.png and guidance.png.
 
     python benchmarks/adapter_ablation.py runs/shapes-bounded-base runs/shapes-bounded-noadapter --out results/ablation
 """

@@ -24,7 +24,7 @@ from ctxdiff.pipelines.text2image import Text2Image
 
 
 def curve(run: Path, n: int, kind: str, every: int, batch: int, device: str) -> list[dict]:
-    """[{"step": s, attribute: accuracy, ..., "all correct": rate}] for the run's checkpoints at multiples of `every`."""
+    """[{"step": s, attribute: accuracy, ..., "all correct": rate}], one per checkpoint at a multiple of `every`."""
     pipe = Text2Image.from_bundle(run / "model.safetensors", device)
     pipe.sr = None
     prompts = held_out_prompts(n, seed=2024, kind=kind)

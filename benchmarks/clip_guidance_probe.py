@@ -34,9 +34,10 @@ def parse_setting(text: str) -> tuple[float, int, float, float, int]:
     return float(values[0]), int(values[1]), float(values[2]), float(values[3]), int(values[4])
 
 
-def clip_guided(x0_fn, pipe: Text2Image, text: torch.Tensor, setting, T: int):
+def clip_guided(x0_fn, pipe: Text2Image, text: torch.Tensor, setting):
     """x0_fn whose predictions at t in [tmin T, tmax T] climb the CLIP image-text cosine."""
     scale, iters, tmax, tmin, pool = setting
+    T = pipe.sched.T
 
     def guided(x, cond, t):
         x0 = x0_fn(x, cond, t)
@@ -68,7 +69,7 @@ def main() -> None:
     prompts = held_out_prompts(args.n, seed=2024, kind="single")
     for setting in args.settings:
         def guide(x0_fn, cond, setting=setting):
-            return clip_guided(x0_fn, pipe, F.normalize(cond.pooled.float(), dim=-1), setting, pipe.sched.T)
+            return clip_guided(x0_fn, pipe, F.normalize(cond.pooled.float(), dim=-1), setting)
 
         images = sample_uint8(pipe, prompts, list(range(args.n)), pipe.defaults, args.batch, guide=guide)
         report = judge_many(list(images), prompts)

@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--block", type=int, default=3, help="steps per timed block")
     parser.add_argument("--arm", type=parse_arm, action="append", default=[],
-                        help="NAME=KEY=VALUE[;KEY=VALUE...] (repeatable; default: the patch-branch and no-adapter arms)")
+                        help="NAME=KEY=VALUE[;KEY=VALUE...] (repeatable; default: the patch-branch and "
+                             "no-adapter arms)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     arms = {"recipe": [], **(dict(args.arm) or DEFAULT_ARMS)}
