@@ -1,4 +1,4 @@
-"""The contextualized diffusion core tested as math (design/math.md, Eq. 1-11)."""
+"""The contextualized diffusion core tested as math (docs/math.md, Eq. 1-11)."""
 
 import math
 

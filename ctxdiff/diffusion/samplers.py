@@ -44,7 +44,7 @@ def classifier_free_guidance(x0_fn: Callable, uncond, scale: float) -> Callable:
     """Guide the x0 prediction: x0_hat = x0_u + w (x0_c - x0_u), in one batched call.
 
     `uncond` is the empty-prompt condition for one sample (batch 1) or for the whole batch.
-    The adapter keeps the conditioning text of the sample being made (design/math.md).
+    The adapter keeps the conditioning text of the sample being made (docs/math.md#classifier-free-guidance-on-x0).
     """
     if scale == 1.0:
         return x0_fn
@@ -103,7 +103,7 @@ def invert_ddim(x0_fn: Callable, x_start: torch.Tensor, timesteps: list[int], sc
     """Context-aware DDIM inversion along increasing `timesteps` [t_1, ..., t_N] (all >= 1).
 
     x_start is taken as x_{t_1} (the first step of the sampling schedule: from t = 0 the noise
-    estimate is undefined, design/math.md). Each jump uses x0_hat = f(x_s, c, s), the usual
+    estimate is undefined, docs/math.md#ddim-inversion). Each jump uses x0_hat = f(x_s, c, s), the usual
     approximation; `refine` > 0 runs that many fixed-point iterations x_t <- invert(x_s;
     x0_hat = f(x_t, c, t)), which makes the DDIM sampler reproduce x_s exactly at convergence.
     Returns the trajectory [x_{t_1}, ..., x_{t_N}].

@@ -1,6 +1,6 @@
 """Noise schedules in paper indexing.
 
-Paper indexing (see design/math.md): t = 1..T are diffusion steps and t = 0 is clean data.
+Paper indexing (see docs/math.md#notation-and-indexing): t = 1..T are diffusion steps and t = 0 is clean data.
 Every array has length T + 1 with beta_0 = 0 and abar_0 = 1, hence k_0 = 0: the adapter's bias
 vanishes on data. Networks receive the same paper step t (a diffusers-style integer timestep
 tau in 0..T-1 is t = tau + 1; only the latent Stable Diffusion wrapper converts).

@@ -1,8 +1,8 @@
 """Building blocks shared by the U-Nets and the context-aware adapter.
 
-Timestep convention: networks receive paper steps t in 1..T (t = 0 is clean data; design
-note math.md, "Indexing") and embed t * 1000 / T, so an embedding means the same noise level
-whatever T a schedule uses.
+Timestep convention: networks receive paper steps t in 1..T (t = 0 is clean data;
+docs/math.md#notation-and-indexing) and embed t * 1000 / T, so an embedding means the same noise
+level whatever T a schedule uses.
 """
 
 from __future__ import annotations
