@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from ctxdiff.checkpoints import numbered_checkpoints
-from ctxdiff.data.shapes import ShapesDataset, ShapesWorld, held_out_prompts, render_scene, scene_from_caption
+from ctxdiff.shapes.datasets import ShapesDataset
+from ctxdiff.shapes.render import render_scene
+from ctxdiff.shapes.world import ShapesWorld, held_out_prompts, scene_from_caption
 from ctxdiff.diffusion import variational_bound
 from ctxdiff.metrics.clip_score import embed_images, embed_prompts, scores_from_embeddings
 from ctxdiff.metrics.fid import feature_stats, frechet_distance
-from ctxdiff.metrics.shapes_judge import judge_many
+from ctxdiff.shapes.judge import judge_many
 from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import Text2Image
 

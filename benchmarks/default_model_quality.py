@@ -14,10 +14,11 @@ from dataclasses import replace
 
 import torch
 
-from ctxdiff.data.shapes import held_out_prompts
-from ctxdiff.metrics.shapes_judge import judge_many
+from ctxdiff.shapes.world import held_out_prompts
+from ctxdiff.shapes.judge import judge_many
 from ctxdiff.pipelines.batch_generate import sample_uint8
-from ctxdiff.pipelines.text2image import DEFAULT_MODEL, Text2Image
+from ctxdiff.pipelines.text2image import Text2Image
+from ctxdiff.formats.t2i import DEFAULT_MODEL
 
 
 def main() -> None:

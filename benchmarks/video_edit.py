@@ -47,7 +47,8 @@ def default_sized_model(path: Path) -> Path:
     """A t2i bundle shaped like the bundled default's base stage (recipes/shapes.yaml), random weights."""
     from ctxdiff.models.encoders import load_clip
     from ctxdiff.models.unet import UNet
-    from ctxdiff.pipelines.text2image import Stage, build_adapter, save_t2i_bundle
+    from ctxdiff.pipelines.text2image import Stage, build_adapter
+    from ctxdiff.formats.t2i import save_t2i_bundle
     from ctxdiff.training.recipe import read_recipe
 
     recipe = read_recipe(Path(__file__).resolve().parent.parent / "recipes" / "shapes.yaml",
@@ -71,7 +72,7 @@ def random_sd15(device: torch.device):
     from ctxdiff.models.latent import (LatentModels, LatentSDConfig, LatentTextConfig, LatentTextEncoder, LatentUNet,
                                        LatentUNetConfig, LatentVAE, LatentVAEConfig, SchedulerInfo)
     from ctxdiff.pipelines.latent_video import LatentVideoModel
-    from ctxdiff.pipelines.video_model import ModelRef
+    from ctxdiff.formats.model_ref import ModelRef
 
     torch.manual_seed(0)
     config = LatentSDConfig(LatentUNetConfig.v1(), LatentVAEConfig(), LatentTextConfig.v1())
@@ -84,10 +85,11 @@ def random_sd15(device: torch.device):
 
 def measure_one(model: str, frames: int, adapter: bool, device: str, tune_steps: int, steps: int) -> dict:
     """One configuration, in this process: tuning step, inversion and edit times, peak memory."""
-    from ctxdiff.data.shapes import moving_shape_video
+    from ctxdiff.shapes.world import moving_shape_video
     from ctxdiff.data.video import Video
-    from ctxdiff.pipelines.video_edit import EditParams, InversionParams, edit_video, invert_video
-    from ctxdiff.pipelines.video_model import load_video_model
+    from ctxdiff.formats.inversion import InversionParams
+    from ctxdiff.pipelines.video_edit import EditParams, edit_video, invert_video
+    from ctxdiff.pipelines.video import load_video_model
     from ctxdiff.training.tune_video import TuneConfig, VideoTuner
 
     dev = torch.device(device)
@@ -168,7 +170,7 @@ def train_shapes_model(folder: Path, steps: int) -> Path:
     """The unit test's narrow world, trained for `steps` steps."""
     from PIL import Image
 
-    from ctxdiff.data.shapes import moving_shape_video
+    from ctxdiff.shapes.world import moving_shape_video
     from ctxdiff.training.recipe import read_recipe
     from ctxdiff.training.trainer import Trainer
 
@@ -191,7 +193,7 @@ def train_shapes_model(folder: Path, steps: int) -> Path:
 
 def edit_scores(frames: np.ndarray, centres: np.ndarray) -> tuple[float, float]:
     """(share of frames the judge finds blue in, correlation of the object's x with the source's)."""
-    from ctxdiff.metrics.shapes_judge import judge
+    from ctxdiff.shapes.judge import judge
 
     verdicts = [judge(frame, TGT) for frame in frames]
     xs = np.array([v.detections[0].cx if v.detections[0] is not None else np.nan for v in verdicts])
@@ -201,9 +203,10 @@ def edit_scores(frames: np.ndarray, centres: np.ndarray) -> tuple[float, float]:
 
 
 def shapes(args) -> None:
-    from ctxdiff.data.shapes import moving_shape_video
+    from ctxdiff.shapes.world import moving_shape_video
     from ctxdiff.data.video import Video
-    from ctxdiff.pipelines.video_edit import EditParams, InversionParams, edit_video, invert_video
+    from ctxdiff.formats.inversion import InversionParams
+    from ctxdiff.pipelines.video_edit import EditParams, edit_video, invert_video
     from ctxdiff.pipelines.video_model import VideoModel
     from ctxdiff.training.tune_video import TuneConfig, VideoTuner
 

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -185,7 +185,9 @@ def _post_init_error(path: str, cls: type, message: str, names: list[str]) -> Us
 def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from `data`, checking keys and types; `path` prefixes error keys.
 
-    None (an empty YAML section) gives the defaults; keys left out take their defaults.
+    None (an empty YAML section) gives the defaults; keys left out take their defaults. A key that
+    was removed (`cls.RETIRED`: name -> the value whose behaviour remains) is read, and skipped,
+    when it holds that value: files written before its removal keep loading.
     """
     if data is None:
         data = {}
@@ -194,9 +196,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = [f.name for f in fields]
+    retired = getattr(cls, "RETIRED", {})
     for key in data:
-        if key not in names:
+        if key in retired:
+            if data[key] != retired[key]:
+                raise UsageError(f"{_join(path, key)}: this key was removed; only {retired[key]!r} (its "
+                                 f"behaviour today) is read, not {_short(data[key])}")
+        elif key not in names:
             raise _unknown_key(path, key, names)
+    data = {key: value for key, value in data.items() if key not in retired}
     for f in fields:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in data:
@@ -377,9 +385,9 @@ class TrainConfig:
     lowres_noise_level: float = 0.2  # SR stage: noise level of the low-res condition (Imagen)
     layout_loss: float = 0.0  # clip stage, shapes: weight of the auxiliary loss that makes the image
                               # embedding say where each object is (ClipTrainer)
-    shape_loss: float = 0.0   # clip stage, shapes: weight of the auxiliary loss that makes the image and
-                              # text embeddings say which shape each object has (ClipTrainer)
     seed: int = 0
+
+    RETIRED: ClassVar[dict] = {"shape_loss": 0.0}   # keys of files written before they were removed
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
@@ -391,7 +399,6 @@ class TrainConfig:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.layout_loss >= 0, f"layout_loss must be >= 0, got {self.layout_loss}")
-        _check(self.shape_loss >= 0, f"shape_loss must be >= 0, got {self.shape_loss}")
         _check(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be in [0, 1), got {self.adam_betas}")
         _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -431,7 +438,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling (Eq. 7 for DDPM, Eq. 9/11 for DDIM) and classifier-free guidance."""
+    """Sampling (Eq. 7 for DDPM, Eq. 9/11 for DDIM) and classifier-free guidance: a recipe's
+    `sample:` section, a model's defaults, and everything that decides an image besides its prompt
+    and seed (recorded in each PNG)."""
 
     sampler: Literal["ddim", "ddpm"] = "ddim"
     steps: int = 50  # video editing, Tab. 8: 20 (inversion and editing)
@@ -439,9 +448,14 @@ class SampleConfig:
     guidance: float = 5.0  # classifier-free guidance weight; paper sweeps 1.5..9.0
     spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     sr_steps: int = 25  # steps of the super-resolution stage
+    lowres_noise_level: float | None = None  # SR stage: noise level of its low-res input while sampling;
+                                             # null: the level it was trained with (train.lowres_noise_level)
+    adapter: bool = True  # sample with the adapter's bias; false: r = 0 through the same code path
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.sr_steps >= 1, f"sr_steps must be >= 1, got {self.sr_steps}")
         _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
         _check(self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}")
+        _check(self.lowres_noise_level is None or 0 <= self.lowres_noise_level <= 1,
+               f"lowres_noise_level must be in [0, 1] or null, got {self.lowres_noise_level}")

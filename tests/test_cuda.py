@@ -8,9 +8,10 @@ from ctxdiff.diffusion import ddim_step, make_schedule, q_posterior
 from ctxdiff.models.adapter import ADAPTER_PRESETS, ContextAdapter
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.unet import UNET_PRESETS, UNet
-from ctxdiff.pipelines.text2image import SamplingParams, Text2Image
+from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import Trainer
+from ctxdiff.recipes import SampleConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -55,9 +56,9 @@ def test_training_and_generation_run_on_cuda(tiny_recipe, tmp_path):
     result = trainer.run()
     assert result.step == 6 and result.loss == result.loss
     pipe = Text2Image.from_bundle(result.model_path, CUDA)
-    images = pipe.sample(["a red circle", "a blue square"], [1, 2], SamplingParams(steps=4))
+    images = pipe.sample(["a red circle", "a blue square"], [1, 2], SampleConfig(steps=4))
     cpu_pipe = Text2Image.from_bundle(result.model_path, "cpu")
-    cpu_images = cpu_pipe.sample(["a red circle", "a blue square"], [1, 2], SamplingParams(steps=4))
+    cpu_images = cpu_pipe.sample(["a red circle", "a blue square"], [1, 2], SampleConfig(steps=4))
     assert images.device.type == "cuda" and torch.allclose(images.cpu(), cpu_images, atol=2e-2)
     assert main(["--device", "cuda", "generate", "a red circle", "--model", str(result.model_path), "--steps", "3",
                  "--out", str(tmp_path / "out")]) == 0

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 
 from ctxdiff.cli import main
-from ctxdiff.pipelines.text2image import DEFAULT_MODEL
+from ctxdiff.formats.t2i import DEFAULT_MODEL
 
 # sha256 of `ctxdiff generate "a red circle above a blue square" -m shapes-default.safetensors
 # --seed 1234` run in the package's assets folder (the PNG records the model path as given).

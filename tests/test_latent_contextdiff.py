@@ -17,14 +17,13 @@ from ctxdiff.data.png import read_png_metadata
 from ctxdiff.diffusion import diffusion_loss, make_schedule, q_sample
 from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
-from ctxdiff.models.adapter import AdapterConfig
+from ctxdiff.models.adapter import AdapterConfig, build_adapter
 from ctxdiff.models.encoders import ClipConfig, load_clip
 from ctxdiff.models.latent import LatentModels, LatentSDConfig, SchedulerInfo, load_sd, save_compvis
 from ctxdiff.models.latent.fingerprint import fingerprint
-from ctxdiff.pipelines.latent import (
-    SD_DEFAULTS, DecodedClipTokens, LatentAdapterFile, LatentText2Image, build_latent_adapter, is_sd_model,
-    save_latent_adapter,
-)
+from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentAdapterFile, LatentText2Image
+from ctxdiff.formats.latent_adapter import is_sd_model, save_latent_adapter
+from ctxdiff.models.adapter import DecodedClipTokens
 from ctxdiff.pipelines.text2image import seeded_noise
 from ctxdiff.recipes import SampleConfig
 from ctxdiff.training import latent_adapter
@@ -72,7 +71,7 @@ def recipe(tmp_path, sd_path):
 
 def _live_adapter(models: LatentModels, config: AdapterConfig = ADAPTER, clip=None, seed: int = 0):
     """An adapter whose zero-initialised head is randomised, so r != 0."""
-    adapter = build_latent_adapter(config, models.vae, clip)
+    adapter = build_adapter(config, clip, models.vae)
     torch.manual_seed(seed)
     torch.nn.init.normal_(adapter.head.weight, std=0.05)
     return adapter.eval()
@@ -156,7 +155,7 @@ def test_a_fresh_adapter_samples_exactly_plain_sd_and_a_trained_one_does_not():
     models = tiny_sd_models(0)
     params = SD_DEFAULTS.__class__(steps=4, guidance=7.5)
     plain = LatentText2Image(models, None).sample_latents(PROMPTS, [1, 2], params)
-    fresh = LatentText2Image(models, build_latent_adapter(ADAPTER, models.vae, None))
+    fresh = LatentText2Image(models, build_adapter(ADAPTER, None, models.vae))
     assert torch.equal(fresh.sample_latents(PROMPTS, [1, 2], params), plain)
     live = LatentText2Image(models, _live_adapter(models)).sample_latents(PROMPTS, [1, 2], params)
     assert (live - plain).abs().max() > 1e-3

@@ -10,16 +10,18 @@ import torch
 
 from ctxdiff.checkpoints import load_bundle
 from ctxdiff.cli import main
-from ctxdiff.data.shapes import moving_shape_video
+from ctxdiff.shapes.world import moving_shape_video
 from ctxdiff.data.video import read_video, write_video
-from ctxdiff.models.adapter import AdapterConfig
+from ctxdiff.models.adapter import AdapterConfig, build_adapter
 from ctxdiff.models.inflate import VideoUNet
 from ctxdiff.models.latent import LatentUNet, save_compvis
 from ctxdiff.pipelines.attention_control import align_tokens
-from ctxdiff.pipelines.latent import build_latent_adapter, save_latent_adapter
+from ctxdiff.formats.latent_adapter import save_latent_adapter
 from ctxdiff.pipelines.latent_video import LatentVideoModel
-from ctxdiff.pipelines.video_edit import InversionParams, invert_video, read_source, reconstruct
-from ctxdiff.pipelines.video_model import TUNED_KIND, load_video_model
+from ctxdiff.formats.inversion import InversionParams
+from ctxdiff.formats.tuned import TUNED_KIND
+from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
+from ctxdiff.pipelines.video import load_video_model
 from ctxdiff.recipes import SampleConfig
 from helpers import perturbed
 from tiny_sd import TINY_SD, tiny_sd_models
@@ -173,7 +175,7 @@ def test_zero_shot_sd_edit_with_a_latent_adapter_file(sd, video, tmp_path, capsy
     models = tiny_sd_models(0)
     config = AdapterConfig(x_shape=(4, 8, 8), patch_size=4, width=32, heads=2, blocks=1, text_dim=64)
     torch.manual_seed(5)
-    adapter = perturbed(build_latent_adapter(config, models.vae, None))
+    adapter = perturbed(build_adapter(config, None, models.vae))
     adapter_file = save_latent_adapter(tmp_path / "adapter.safetensors", adapter, None, str(sd["a"]), models,
                                        SampleConfig())
     out = tmp_path / "blue"
@@ -201,7 +203,7 @@ def test_a_tuned_sd_file_is_refused_over_another_checkpoint(sd, video, tmp_path,
 
 
 def test_adapter_option_with_a_pixel_model_is_a_one_line_error(video, tmp_path, capsys, sd):
-    from ctxdiff.pipelines.text2image import DEFAULT_MODEL
+    from ctxdiff.formats.t2i import DEFAULT_MODEL
     assert main(["edit", str(video), "--model", str(DEFAULT_MODEL), "--adapter", str(sd["a"]), "--tgt", TGT,
                  "--out", str(tmp_path / "x")]) == 1
     assert "--adapter is for Stable Diffusion" in one_line_error(capsys)
@@ -250,7 +252,7 @@ def test_refine_maps_padding_after_the_end_token_to_the_source_padding():
 
 def test_model_refs_hash_a_diffusers_folder_by_its_parts_through_symlinks(tmp_path):
     from ctxdiff.errors import CtxdiffError
-    from ctxdiff.pipelines.video_model import ModelRef
+    from ctxdiff.formats.model_ref import ModelRef
 
     blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
     blobs.mkdir()

@@ -127,7 +127,18 @@ def test_hard_negatives_are_refused_outside_shapes_clip_training():
         from_dict(TrainingRecipe, {"data": {"source": "pics", "hard_negatives": True}, "train": {"stage": "clip"}})
 
 
-@pytest.mark.parametrize("loss", ["layout_loss", "shape_loss"])
+def test_a_removed_key_reads_back_only_with_the_value_whose_behaviour_remains():
+    """Files written before `train.shape_loss`, `model.clip.word_tokens` and `model.unet.token_pool`
+    were removed keep loading; a recipe that asks for their removed behaviour is refused."""
+    old = {"model": {"clip": {"word_tokens": False}, "unet": {"token_pool": False}}, "train": {"shape_loss": 0.0}}
+    assert from_dict(TrainingRecipe, old) == TrainingRecipe()
+    for section, key, value in (("train", "shape_loss", 2.0), ("model.clip", "word_tokens", True)):
+        data = {"train": {key: value}} if section == "train" else {"model": {"clip": {key: value}}}
+        with pytest.raises(UsageError, match=rf"^{section}\.{key}: this key was removed; only .* not {value}"):
+            from_dict(TrainingRecipe, data)
+
+
+@pytest.mark.parametrize("loss", ["layout_loss"])
 def test_auxiliary_clip_losses_are_refused_outside_shapes_clip_training(loss):
     assert getattr(from_dict(TrainingRecipe, {"data": {"source": "shapes"}, "train": {"stage": "clip", loss: 1.0}}).train,
                    loss) == 1.0

@@ -12,12 +12,12 @@ from PIL import Image
 
 import ctxdiff.cli.shapes  # noqa: F401  (registers `ctxdiff shapes`)
 from ctxdiff.cli import main
-from ctxdiff.data.shapes import (BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPE_CENTROID_DROP, SHAPES,
-                                 ShapesDataset, ShapesWorld, ShapeTwinsDataset, colour_layout, colour_shapes,
-                                 held_out_prompts, moving_shape_video, parse_caption, render_scene,
-                                 scene_from_caption, write_samples)
+from ctxdiff.shapes.captions import BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPES, parse_caption
+from ctxdiff.shapes.datasets import ShapesDataset, ShapeTwinsDataset, colour_layout, write_samples
+from ctxdiff.shapes.render import SHAPE_CENTROID_DROP, render_scene
+from ctxdiff.shapes.world import ShapesWorld, held_out_prompts, moving_shape_video, scene_from_caption
 from ctxdiff.errors import CtxdiffError
-from ctxdiff.metrics.shapes_judge import judge, judge_many, judge_video
+from ctxdiff.shapes.judge import judge, judge_many, judge_video
 
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "centre": "left"}
 
@@ -301,15 +301,3 @@ def test_colour_layout_reads_every_object_position_from_the_pixels(size):
             assert torch.dist(where[names.index(obj.colour)], expected) < 0.03, (scene.caption, where, expected)
     mirrored, _ = colour_layout(images.flip(-1))          # and it reads the image, not the caption
     assert torch.allclose(mirrored[..., 0][present], 1 - centroids[..., 0][present], atol=1e-5)
-
-
-def test_colour_shapes_names_every_stated_objects_shape_by_its_colour():
-    world = ShapesWorld(seed=4)
-    scenes = [world.scene(i) for i in range(60)]
-    labels, present = colour_shapes([s.caption for s in scenes])
-    names = list(OBJECT_COLOURS)
-    for scene, shapes, seen in zip(scenes, labels, present):
-        assert {names[k]: SHAPES[shapes[k]] for k in seen.nonzero().flatten().tolist()} == \
-            {o.colour: o.shape for o in scene.objects}, scene.caption
-    labels, present = colour_shapes(["a small blue cross above a red triangle"])
-    assert present[0].sum() == 2 and SHAPES[labels[0, names.index("red")]] == "triangle"

@@ -110,22 +110,10 @@ def test_folder_dataset_skips_and_counts_bad_pairs(tiny_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("override,key,width", [("model.unet.text_dim=24", "model.unet.text_dim", 32),
-                                                ("model.adapter.text_dim=24", "model.adapter.text_dim", 32),
-                                                ("model.clip.word_tokens=true", "model.unet.text_dim", 64)])
+                                                ("model.adapter.text_dim=24", "model.adapter.text_dim", 32)])
 def test_text_widths_that_are_not_the_clips_are_refused_naming_the_key(tiny_recipe, override, key, width):
     with pytest.raises(CtxdiffError, match=rf"^{key} is \d+, but the CLIP 'tiny-clip' .* width {width}.*set {key}: {width}$"):
         Trainer(read_recipe(tiny_recipe("widths"), [override]), torch.device("cpu"))
-
-
-def test_word_tokens_train_and_generate_through_the_cli(tiny_recipe, tmp_path, capsys):
-    recipe = tiny_recipe("words")
-    widths = ["model.clip.word_tokens=true", "model.unet.text_dim=64", "model.adapter.text_dim=64"]
-    _, result = trained(recipe, [*widths, "train.steps=2"])
-    assert Text2Image.from_bundle(result.model_path).clip.config.word_tokens   # the bundle keeps it
-    out = tmp_path / "out"
-    assert main(["generate", "a red circle", "--model", str(result.model_path), "--steps", "2", "--out", str(out)]) == 0
-    [image] = out.glob("*.png")
-    assert Image.open(image).size == (16, 16)
 
 
 CLIP_RECIPE = """
@@ -176,22 +164,6 @@ def test_batched_sampling_gives_each_prompt_and_seed_its_own_image(model_path):
     assert together.shape == (3, size, size, 3) and together.dtype == np.uint8
     assert np.array_equal(together[2], sample_uint8(pipe, prompts[2:], seeds[2:], params)[0])
     assert not np.array_equal(together[0], together[1])
-
-
-def test_a_guide_wraps_the_guided_denoiser_of_every_step(model_path):
-    pipe = Text2Image.from_bundle(model_path)
-    params, seen = replace(pipe.defaults, steps=3, sr_steps=2), []
-
-    def guide(x0_fn, cond):
-        seen.append(len(cond))
-        return lambda x, c, t: torch.zeros_like(x0_fn(x, c, t))
-
-    prompts, seeds = ["a red circle", "a blue square"], [1, 2]
-    plain = pipe.sample(prompts, seeds, params)
-    guided = pipe.sample(prompts, seeds, params, guide=guide)
-    assert seen == [2] * (1 + (pipe.sr is not None))   # once per stage, with the prompts' condition
-    assert not guided.any() and plain.any()   # the last step lands on the (zeroed) x0_hat
-    assert torch.equal(pipe.sample(prompts, seeds, params, guide=lambda fn, cond: fn), plain)
 
 
 def cli(*args, stdin=None):
@@ -323,5 +295,5 @@ def test_resume_reads_an_older_checkpoints_model_config_with_todays_defaults_and
     save_training_state(path, state)
     resumed, result = trained(tiny_recipe(), resume=True)
     assert result.step == 6
-    with pytest.raises(CtxdiffError, match="another model config"):
+    with pytest.raises(CtxdiffError, match="trained with another model;"):
         Trainer(read_recipe(tiny_recipe(), ["model.adapter.bound=1.0"]), torch.device("cpu"), resume=True)

@@ -11,17 +11,21 @@ from PIL import Image
 
 from ctxdiff.checkpoints import load_bundle
 from ctxdiff.cli import main
-from ctxdiff.data.shapes import moving_shape_video
+from ctxdiff.shapes.world import moving_shape_video
 from ctxdiff.data.video import read_video, sidecar_path, write_video
-from ctxdiff.metrics.shapes_judge import judge
+from ctxdiff.shapes.judge import judge
 from ctxdiff.models.adapter import ADAPTER_PRESETS
 from ctxdiff.models.encoders import ClipConfig, load_clip
 from ctxdiff.models.unet import UNET_PRESETS, UNet
-from ctxdiff.pipelines import video_model
-from ctxdiff.pipelines.text2image import Stage, build_adapter, save_t2i_bundle
-from ctxdiff.pipelines.video_edit import (InversionParams, invert_video, load_inversion, read_source, reconstruct,
-                                          save_inversion)
-from ctxdiff.pipelines.video_model import TUNED_KIND, VideoModel
+from ctxdiff.formats import tuned
+from ctxdiff.pipelines.text2image import Stage, build_adapter
+from ctxdiff.formats.t2i import save_t2i_bundle
+from ctxdiff.formats.inversion import InversionParams
+from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
+from ctxdiff.formats.inversion import load_inversion, save_inversion
+from ctxdiff.formats.model_ref import ModelRef
+from ctxdiff.formats.tuned import TUNED_KIND
+from ctxdiff.pipelines.video_model import VideoModel
 from ctxdiff.recipes import DiffusionConfig, SampleConfig
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import Trainer
@@ -162,7 +166,7 @@ def test_tuning_trains_only_queries_temporal_layers_and_adapter_and_saves_only_t
     assert changed and changed <= tunable
     bundle = load_bundle(tmp_path / "run" / "tuned.safetensors", kind=TUNED_KIND)
     assert set(bundle.tensors) == {"unet", "adapter"} and set(bundle.tensors["unet"]) == tunable
-    assert bundle.extra["base_model"]["sha256"] == video_model.ModelRef.of(tiny["a"]).sha256
+    assert bundle.extra["base_model"]["sha256"] == ModelRef.of(tiny["a"]).sha256
     assert bundle.extra["prompt"] == SRC and bundle.configs["tune"]["frames"] == 4
     reloaded = VideoModel.load(None, tmp_path / "run" / "tuned.safetensors")
     for name, tensor in model.unet.state_dict().items():
@@ -304,7 +308,7 @@ def test_prompts_of_different_lengths_fall_back_from_replace_to_refine_with_a_wa
 
 
 def test_without_model_and_without_the_bundled_default_the_error_names_what_to_pass(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(video_model, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(tuned, "DEFAULT_MODEL", tmp_path / "absent.safetensors")
     video = source_clip(tmp_path)[0]
     assert main(["edit", str(video), "--tgt", TGT]) == 1
     assert "--model" in one_line_error(capsys)

@@ -56,9 +56,9 @@ def edit(
 ) -> None:
     """Edit a video to match the target prompt; prints text alignment and temporal consistency."""
     from ctxdiff.data.video import side_by_side, write_video
-    from ctxdiff.pipelines.video_edit import (EditParams, InversionParams, check_inversion, edit_scores, edit_video,
-                                              invert_video, load_inversion, read_source)
-    from ctxdiff.pipelines.video_model import load_video_model
+    from ctxdiff.pipelines.video_edit import EditParams, InversionParams, check_inversion, edit_scores, edit_video, invert_video, read_source
+    from ctxdiff.formats.inversion import load_inversion
+    from ctxdiff.pipelines.video import load_video_model
 
     path = out or Path("edits") / f"{video.stem or video.name}-{safe_stem(tgt)}.mp4"
     refuse_existing(path, force)

@@ -273,7 +273,7 @@ def temporal_consistency_metric(req: EvalRequest) -> MetricResult:
 
 
 def shapes_metric(req: EvalRequest) -> MetricResult:
-    from ctxdiff.metrics.shapes_judge import REPORT_COLUMNS, judge_many
+    from ctxdiff.shapes.judge import REPORT_COLUMNS, judge_many
 
     images, prompts = _images_and_prompts(req)
     info(f"shapes: judging {len(images)} images of {req.images}")

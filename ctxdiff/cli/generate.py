@@ -47,7 +47,7 @@ def safe_stem(prompt: str, limit: int = 60) -> str:
 
 
 def default_model() -> Path:
-    from ctxdiff.pipelines.text2image import DEFAULT_MODEL
+    from ctxdiff.formats.t2i import DEFAULT_MODEL
 
     if not DEFAULT_MODEL.exists():
         raise CtxdiffError(f"the bundled default model is missing ({DEFAULT_MODEL}); reinstall ctxdiff, "
@@ -122,7 +122,8 @@ def generate(
 
 def _pipeline(model: Path, adapter: Path | None, height: int | None, width: int | None, vae_tiling: bool):
     """A t2i bundle's cascade, or a Stable Diffusion checkpoint (with its latent adapter) in latent space."""
-    from ctxdiff.pipelines.latent import LatentText2Image, is_sd_model
+    from ctxdiff.pipelines.latent import LatentText2Image
+    from ctxdiff.formats.latent_adapter import is_sd_model
     from ctxdiff.pipelines.text2image import Text2Image
 
     if is_sd_model(model):

@@ -37,8 +37,9 @@ def invert(
     force: bool = typer.Option(False, "--force", help="Replace an existing inversion file."),
 ) -> None:
     """Invert a video (or image) with context-aware DDIM and print the reconstruction error."""
-    from ctxdiff.pipelines.video_edit import InversionParams, invert_video, read_source, reconstruct, save_inversion
-    from ctxdiff.pipelines.video_model import load_video_model
+    from ctxdiff.pipelines.video_edit import InversionParams, invert_video, read_source, reconstruct
+    from ctxdiff.formats.inversion import save_inversion
+    from ctxdiff.pipelines.video import load_video_model
 
     path = out or Path(f"{source.stem or source.name}.inversion.safetensors")
     refuse_existing(path, force)

@@ -8,7 +8,7 @@ import typer
 
 from ctxdiff.cli.app import app
 from ctxdiff.cli.output import emit_json, info, progress_bar
-from ctxdiff.data.shapes import prepare_folder, write_samples
+from ctxdiff.shapes.datasets import prepare_folder, write_samples
 
 
 @app.command("shapes")

@@ -65,7 +65,7 @@ def train(
 
 def _clip_eval(recipe, encoders) -> dict:
     """Held-out scores of a trained shapes CLIP, also written to <output>/clip-eval.json."""
-    from ctxdiff.data.shapes import ShapesWorld
+    from ctxdiff.shapes.world import ShapesWorld
     from ctxdiff.training.clip import shapes_scores
 
     if recipe.data.source != "shapes":

@@ -34,7 +34,7 @@ def tune_video(
 ) -> None:
     """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8)."""
     from ctxdiff.pipelines.video_edit import read_source
-    from ctxdiff.pipelines.video_model import load_video_model
+    from ctxdiff.pipelines.video import load_video_model
     from ctxdiff.training.tune_video import VideoTuner, load_tune_config
 
     config = load_tune_config(recipe, set_ or [], steps=steps, frames=frames, stride=stride, start=start, lr=lr,

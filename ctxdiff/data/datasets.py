@@ -153,7 +153,8 @@ def open_dataset(source: str, size: int, *, caption_key: str = "txt", shapes_cou
     """The dataset a recipe's `data.source` names: 'shapes' (`hard_negatives`: scenes with their
     twins), a folder, a manifest, or shards."""
     if source == "shapes":
-        from ctxdiff.data.shapes import ShapesDataset, ShapesWorld, ShapeTwinsDataset
+        from ctxdiff.shapes.datasets import ShapesDataset, ShapeTwinsDataset
+        from ctxdiff.shapes.world import ShapesWorld
 
         dataset = ShapeTwinsDataset if hard_negatives else ShapesDataset
         return dataset(ShapesWorld(seed=shapes_seed, image_size=size), shapes_count)

@@ -26,14 +26,19 @@ External image tokens thus take part in self-attention and cross-attention like 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.layers import TimestepEmbedding, TransformerBlock, batch_timesteps, zero_init
+
+if TYPE_CHECKING:
+    from ctxdiff.models.encoders import ClipEncoders
+    from ctxdiff.models.latent.vae import LatentVAE
 
 
 @dataclass(frozen=True)
@@ -156,11 +161,47 @@ ADAPTER_PRESETS: dict[str, AdapterConfig] = {
 }
 
 
-def build_adapter(name_or_config: str | AdapterConfig,
-                  image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ContextAdapter:
-    """Build an adapter from a preset name in `ADAPTER_PRESETS` or from a config."""
-    if isinstance(name_or_config, AdapterConfig):
-        return ContextAdapter(name_or_config, image_encoder)
-    if name_or_config not in ADAPTER_PRESETS:
-        raise ValueError(f"unknown adapter preset {name_or_config!r}; choose one of {sorted(ADAPTER_PRESETS)}")
-    return ContextAdapter(ADAPTER_PRESETS[name_or_config], image_encoder)
+def image_branch(config: AdapterConfig, clip: "ClipEncoders | None" = None,
+                 vae: "LatentVAE | None" = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The adapter's external image encoder: for image_branch "clip", CLIP's patch tokens of x0
+    (of its VAE decoding when x0 is a latent: `vae`); for "patch", None (its own patch embedding)."""
+    if config.image_branch != "clip":
+        return None
+    if clip is None:
+        raise CtxdiffError("image_branch 'clip' needs a CLIP image tower (model.clip)")
+    if vae is not None:
+        return DecodedClipTokens(vae, clip)
+    return lambda x: clip.encode_image(x)[0]
+
+
+def build_adapter(config: str | AdapterConfig, clip: "ClipEncoders | None" = None,
+                  vae: "LatentVAE | None" = None) -> ContextAdapter:
+    """r_phi from a preset name in `ADAPTER_PRESETS` or a config, with its image branch (`image_branch`)."""
+    if isinstance(config, str):
+        if config not in ADAPTER_PRESETS:
+            raise ValueError(f"unknown adapter preset {config!r}; choose one of {sorted(ADAPTER_PRESETS)}")
+        config = ADAPTER_PRESETS[config]
+    return ContextAdapter(config, image_branch(config, clip, vae))
+
+
+class DecodedClipTokens:
+    """The image branch "clip" on latents: CLIP patch tokens of the VAE decoding of z (faithful to
+    the paper's image CLIP, which sees pixels). Eq. 9/11 stack one x0_hat twice (the bias at t and
+    at s, `context_biases`), so a batch whose halves are equal is decoded once."""
+
+    def __init__(self, vae: "LatentVAE", clip: "ClipEncoders") -> None:
+        self.vae, self.clip = vae, clip
+
+    def __deepcopy__(self, memo) -> "DecodedClipTokens":
+        return self   # frozen and shared: an EMA copy of the adapter uses the same VAE and CLIP
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        half = z.shape[0] // 2
+        if z.shape[0] % 2 == 0 and half and torch.equal(z[:half], z[half:]):
+            tokens = self._encode(z[:half])
+            return torch.cat([tokens, tokens])
+        return self._encode(z)
+
+    def _encode(self, z: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.clip.encode_image(self.vae.from_latents(z.to(dtype)).float())[0]

@@ -13,6 +13,7 @@ import os
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,8 +58,8 @@ class ClipConfig:
                                            # "ViT-B-32-quickgelu"), or a CUSTOM_ARCHS key
     weights: str | None = None             # local file, or open_clip pretrained tag ("openai"); None: random
     context_length: int | None = None      # None: the architecture's own (77 for OpenAI CLIPs)
-    word_tokens: bool = False              # cross-attention tokens also carry each token's input word
-                                           # embedding (text_dim doubles): see ClipEncoders.encode_text
+
+    RETIRED: ClassVar[dict] = {"word_tokens": False}   # keys of files written before they were removed
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -89,7 +90,7 @@ class ClipEncoders(nn.Module):
     @property
     def text_dim(self) -> int:
         """Width of `encode_text(...).tokens`."""
-        return self.clip.transformer.width * (2 if self.config.word_tokens else 1)
+        return self.clip.transformer.width
 
     @property
     def image_dim(self) -> int:
@@ -123,16 +124,9 @@ class ClipEncoders(nn.Module):
 
     def encode_text(self, prompts: list[str]) -> TextCondition:
         """tokens [B, L, text_dim] after ln_final, mask True up to and including EOT,
-        pooled [B, embed_dim] the un-normalised projected text embedding.
-
-        With `config.word_tokens`, each token's features are followed by its input embedding
-        (word + position, layer-normalised without gain): the words themselves, for a small CLIP
-        whose contrastive training left some of them (shape, position words) barely apart in its
-        output states, which then carry little of what a caption says."""
+        pooled [B, embed_dim] the un-normalised projected text embedding."""
         ids = self.tokenize(prompts)
         tokens, pooled = self._text_tower(ids)
-        if self.config.word_tokens:
-            tokens = torch.cat([tokens, F.layer_norm(self._text_input(ids), tokens.shape[-1:])], dim=-1)
         eot = (ids == _tokenizer().eot_token_id).int().argmax(dim=1, keepdim=True)
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= eot
         return TextCondition(tokens=tokens, mask=mask, pooled=pooled)

@@ -15,7 +15,7 @@ output; training then learns the corrections.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,6 @@ class UNetConfig:
     head_dim: int = 0
     text_dim: int = 512
     pooled_dim: int = 512
-    token_pool: bool = False   # Imagen: the masked mean of the text tokens also joins the timestep embedding
     coord_channels: bool = False  # CoordConv: x and y coordinate maps join the input (absolute position)
     layout_maps: int = 0  # this many maps drawn from the pooled text embedding join the input (a layout prior)
     dropout: float = 0.0
@@ -68,6 +67,7 @@ class UNetConfig:
     prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
     schedule: Literal["linear", "scaled_linear", "cosine"] | None = None
 
+    RETIRED: ClassVar[dict] = {"token_pool": False}   # keys of files written before they were removed
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -136,8 +136,7 @@ class _Level(nn.Module):
 class UNet(nn.Module):
     """ADM/Imagen U-Net f_theta(x_t, c, t) -> x0_hat with text cross-attention (paper Sec. 4.1).
 
-    The pooled text embedding (with `token_pool`, also the masked mean of the text tokens, as
-    Imagen does; for super-resolution, the augmentation level) is added to the timestep embedding
+    The pooled text embedding (for super-resolution, also the augmentation level) is added to the timestep embedding
     that drives every ResBlock's scale/shift: what a prompt says reaches every resolution, not only
     the attention levels. With `coord_channels`, x and y coordinate maps join the input
     (CoordConv, Liu et al. 2018): a convolutional net otherwise sees absolute position only through
@@ -156,7 +155,6 @@ class UNet(nn.Module):
         emb_dim = 4 * c.base_channels
         self.time_embed = TimestepEmbedding(emb_dim, scale=1000.0 / c.timesteps)
         self.pooled_embed = _embedding_mlp(c.pooled_dim, emb_dim)
-        self.token_embed = _embedding_mlp(c.text_dim, emb_dim) if c.token_pool else None
         self.lowres_embed = TimestepEmbedding(emb_dim, scale=1000.0) if c.lowres_cond else None
         self.skip_scale = 2 ** -0.5 if c.scale_skip else 1.0
         if c.prediction_type != "sample" and c.schedule is None:
@@ -240,9 +238,6 @@ class UNet(nn.Module):
         batch = x_t.shape[0]
         t = batch_timesteps(t, batch, x_t.device)
         emb = self.time_embed(t) + self.pooled_embed(cond.pooled)
-        if self.token_embed is not None:
-            mask = cond.mask[..., None].to(cond.tokens.dtype)
-            emb = emb + self.token_embed((cond.tokens * mask).sum(1) / mask.sum(1).clamp(min=1))
         h = x_t
         if self.lowres_embed is not None:
             level = 0.0 if lowres_t is None else lowres_t

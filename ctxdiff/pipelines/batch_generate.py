@@ -11,7 +11,8 @@ import numpy as np
 
 from ctxdiff.data.png import save_png, to_uint8
 from ctxdiff.errors import CtxdiffError
-from ctxdiff.pipelines.text2image import SamplingParams, Text2Image
+from ctxdiff.pipelines.text2image import Text2Image
+from ctxdiff.recipes import SampleConfig
 
 
 def sample_captions(captions: list[str], n: int, seed: int) -> list[str]:
@@ -22,7 +23,7 @@ def sample_captions(captions: list[str], n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(captions, n)
 
 
-def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed: int, params: SamplingParams,
+def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed: int, params: SampleConfig,
                        batch_size: int = 32, progress=None) -> list[Path]:
     """Image i is prompts[i] with seed + i, written as folder/{i:05d}.png (PNG metadata: prompt,
     seed, parameters). Images already in the folder are kept, so an interrupted run resumes."""
@@ -39,10 +40,8 @@ def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed:
     return paths
 
 
-def sample_uint8(pipe: Text2Image, prompts: list[str], seeds: list[int], params: SamplingParams,
-                 batch_size: int = 50, guide=None) -> np.ndarray:
-    """uint8 [N, H, W, 3]: image i is prompts[i] with seeds[i], made `batch_size` at a time (`guide`: see
-    `Text2Image.sample`)."""
-    return np.concatenate([to_uint8(pipe.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], params,
-                                                guide=guide))
+def sample_uint8(pipe: Text2Image, prompts: list[str], seeds: list[int], params: SampleConfig,
+                 batch_size: int = 50) -> np.ndarray:
+    """uint8 [N, H, W, 3]: image i is prompts[i] with seeds[i], made `batch_size` at a time."""
+    return np.concatenate([to_uint8(pipe.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], params))
                            for i in range(0, len(prompts), batch_size)])

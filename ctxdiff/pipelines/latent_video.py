@@ -27,16 +27,17 @@ from ctxdiff.checkpoints import load_bundle, load_module_state
 from ctxdiff.data.png import to_uint8
 from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
-from ctxdiff.models.adapter import AdapterConfig, ContextAdapter
+from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, image_branch
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
 from ctxdiff.models.inflate import InflateConfig, VideoUNet
 from ctxdiff.models.latent import LatentModels, as_x0_predictor, load_sd
 from ctxdiff.models.temporal import fixed_init
 from ctxdiff.models.video_adapter import VideoAdapter, VideoAdapterConfig
-from ctxdiff.pipelines.latent import LatentAdapterFile, build_latent_adapter, check_adapter_fits
-from ctxdiff.pipelines.video_model import (TUNED_KIND, ModelRef, VideoDenoiser, check_base, frames_to_tensor,
-                                           load_tuned_unet, tuned_on)
+from ctxdiff.formats.latent_adapter import LatentAdapterFile, check_adapter_fits
+from ctxdiff.formats.model_ref import ModelRef
+from ctxdiff.formats.tuned import TUNED_KIND, check_base, load_tuned_unet, tuned_on
+from ctxdiff.pipelines.video_denoiser import VideoDenoiser, frames_to_tensor
 from ctxdiff.recipes import DiffusionConfig, from_dict
 
 VAE_BATCH = 4   # frames per VAE call (bounds the encoder's and decoder's activation memory)
@@ -160,8 +161,7 @@ class LatentVideoModel(VideoDenoiser):
             if config.adapter.image_branch == "clip":
                 clip = load_clip(from_dict(ClipConfig, bundle.configs["clip"], "clip"), device)
                 load_module_state(clip.clip, bundle.tensors["clip"], f"{tuned} clip")
-            image = build_latent_adapter(config.adapter, models.vae, clip)
-            video_adapter = VideoAdapter(config, image.image_encoder).to(device)
+            video_adapter = VideoAdapter(config, image_branch(config.adapter, clip, models.vae)).to(device)
             load_module_state(video_adapter, bundle.tensors["adapter"], f"{tuned} adapter")
         if bundle is not None:
             load_tuned_unet(unet, bundle.tensors.get("unet", {}), f"{tuned} unet")

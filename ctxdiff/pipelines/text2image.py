@@ -8,73 +8,32 @@ user passes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ctxdiff.checkpoints import load_bundle, load_module_state, load_training_state, save_bundle
+from ctxdiff.checkpoints import load_bundle, load_module_state, load_training_state
 from ctxdiff.diffusion import classifier_free_guidance, make_schedule, sample_ddim, sample_ddpm, timesteps_for
 from ctxdiff.diffusion.schedule import Schedule
 from ctxdiff.errors import CtxdiffError, UsageError
-from ctxdiff.models.adapter import AdapterConfig, ContextAdapter
+from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, build_adapter
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
 from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import noise_augment, upsample
 from ctxdiff.recipes import DiffusionConfig, SampleConfig, from_dict
+from ctxdiff.formats.t2i import BUNDLE_KIND
+from ctxdiff.models.stage import Stage
 
-BUNDLE_KIND = "t2i"
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-default.safetensors"
-
-
-@dataclass
-class Stage:
-    """One resolution of the cascade: the denoiser f_theta and its adapter r_phi (None: r = 0)."""
-
-    unet: UNet
-    adapter: ContextAdapter | None
-
-    def x0_fn(self, lowres: torch.Tensor | None = None, lowres_t: torch.Tensor | None = None,
-              clip_x0: bool = True) -> Callable:
-        """x0_fn(x_t, cond, t) for the samplers; a doubled (guided) batch repeats the low-res input."""
-
-        def predict(x: torch.Tensor, cond: TextCondition, t: torch.Tensor) -> torch.Tensor:
-            lr, lt = lowres, lowres_t
-            if lr is not None and lr.shape[0] != x.shape[0]:
-                repeat = x.shape[0] // lr.shape[0]
-                lr, lt = lr.repeat(repeat, 1, 1, 1), lt.repeat(repeat)
-            x0 = self.unet(x, t, cond, lowres=lr, lowres_t=lt)
-            return x0.clamp(-1, 1) if clip_x0 else x0
-
-        return predict
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Everything that decides an image besides prompt and seed (recorded in each PNG)."""
-
-    sampler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    guidance: float = 5.0
-    spacing: str = "trailing"
-    sr_steps: int = 25
-    lowres_noise_level: float = 0.2
-    adapter: bool = True
-
-    @classmethod
-    def from_sample_config(cls, config: SampleConfig, lowres_noise_level: float) -> "SamplingParams":
-        return cls(config.sampler, config.steps, config.eta, config.guidance, config.spacing, config.sr_steps,
-                   lowres_noise_level)
 
 
 class Text2Image:
     """The cascade, ready to sample. Build with `from_bundle`."""
 
     def __init__(self, clip: ClipEncoders, base: Stage, sr: Stage | None, diffusion: DiffusionConfig,
-                 defaults: SamplingParams, source: str = "") -> None:
+                 defaults: SampleConfig, source: str = "") -> None:
         self.clip, self.base, self.sr, self.diffusion = clip, base, sr, diffusion
         self.sched: Schedule = make_schedule(diffusion.schedule, diffusion.timesteps)
         self.defaults, self.source = defaults, source
@@ -111,8 +70,9 @@ class Text2Image:
         if base is None:
             raise CtxdiffError(f"{path}: this t2i bundle has no base U-Net ('unet' tensors); "
                                "pass a bundle written by `ctxdiff train` for the base stage")
-        defaults = SamplingParams.from_sample_config(from_dict(SampleConfig, configs.get("sample", {}), "sample"),
-                                                     float(configs.get("lowres_noise_level", 0.2)))
+        defaults = from_dict(SampleConfig, configs.get("sample", {}), "sample")
+        if defaults.lowres_noise_level is None:   # the level the SR stage was trained with
+            defaults = replace(defaults, lowres_noise_level=float(configs.get("lowres_noise_level", 0.2)))
         return cls(clip, base, stage("sr_"), from_dict(DiffusionConfig, configs["diffusion"], "diffusion"),
                    defaults, str(path))
 
@@ -129,11 +89,9 @@ class Text2Image:
         return self.clip.encode_text(prompts)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], params: SamplingParams, progress=None,
-               guide: Callable | None = None) -> torch.Tensor:
+    def sample(self, prompts: list[str], seeds: list[int], params: SampleConfig, progress=None) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W], one per (prompt, seed); each image depends only on its
-        own prompt, seed and `params`, not on the batch it is made in. `guide(x0_fn, cond) -> x0_fn`,
-        if given, wraps each stage's guided denoiser (e.g. CLIP guidance: benchmarks/clip_guidance_probe.py)."""
+        own prompt, seed and `params`, not on the batch it is made in."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -142,23 +100,23 @@ class Text2Image:
         base_size = self.base.unet.config.image_size
         channels = self.base.unet.config.in_channels
         x_T = seeded_noise([channels, base_size, base_size], generators, self.device)
-        images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress,
-                                 guide=guide)
+        images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress)
         if self.sr is not None:
             size = self.sr.unet.config.image_size
             lowres = upsample(images, size)
-            level = torch.full((len(prompts),), params.lowres_noise_level, device=self.device)
+            noise_level = params.lowres_noise_level
+            if noise_level is None:   # the model's own (the level its SR stage was trained with)
+                noise_level = self.defaults.lowres_noise_level
+            level = torch.full((len(prompts),), noise_level, device=self.device)
             lowres = noise_augment(lowres, level, seeded_noise(list(lowres.shape[1:]), generators, self.device))
             x_T = seeded_noise([channels, size, size], generators, self.device)
             images = self._run_stage(self.sr, x_T, cond, uncond, params, params.sr_steps, generators, progress,
-                                     lowres=lowres, lowres_t=level, guide=guide)
+                                     lowres=lowres, lowres_t=level)
         return images
 
-    def _run_stage(self, stage: Stage, x_T, cond, uncond, params: SamplingParams, steps: int, generators,
-                   progress, lowres=None, lowres_t=None, guide: Callable | None = None) -> torch.Tensor:
+    def _run_stage(self, stage: Stage, x_T, cond, uncond, params: SampleConfig, steps: int, generators,
+                   progress, lowres=None, lowres_t=None) -> torch.Tensor:
         x0_fn = classifier_free_guidance(stage.x0_fn(lowres, lowres_t), uncond, params.guidance)
-        if guide is not None:
-            x0_fn = guide(x0_fn, cond)
         return run_sampler(params, x0_fn, x_T, self.sched, steps, stage.adapter if params.adapter else None, cond,
                            generators, progress)
 
@@ -166,12 +124,12 @@ class Text2Image:
     def has_adapter(self) -> bool:
         return self.base.adapter is not None
 
-    def total_steps(self, params: SamplingParams) -> int:
+    def total_steps(self, params: SampleConfig) -> int:
         """Denoiser evaluations per batch (for progress bars)."""
         return params.steps + (params.sr_steps if self.sr is not None else 0)
 
 
-def run_sampler(params: SamplingParams, x0_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: int,
+def run_sampler(params: SampleConfig, x0_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: int,
                 adapter: ContextAdapter | None, cond: TextCondition, generators, progress=None) -> torch.Tensor:
     """`params.sampler` (DDIM, Eq. 9/11, or DDPM, Eq. 7) over `steps` steps of `sched`, from x_T."""
     timesteps = timesteps_for(sched.T, steps, params.spacing)
@@ -182,27 +140,6 @@ def run_sampler(params: SamplingParams, x0_fn: Callable, x_T: torch.Tensor, sche
         return sample_ddpm(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond,
                            generator=generators, progress=progress)
     raise UsageError(f"unknown sampler {params.sampler!r}; choose ddim or ddpm")
-
-
-def build_adapter(config: AdapterConfig, clip: ClipEncoders) -> ContextAdapter:
-    """The adapter with its image branch: CLIP patch tokens of x0 (faithful) or its own patch embedding."""
-    encoder = (lambda x: clip.encode_image(x)[0]) if config.image_branch == "clip" else None
-    return ContextAdapter(config, image_encoder=encoder)
-
-
-def save_t2i_bundle(path: str | Path, clip: ClipEncoders, stages: dict[str, Stage], configs: dict,
-                    extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a t2i bundle; `stages` maps '' (base) and 'sr_' to their stage."""
-    modules: dict[str, torch.nn.Module] = {"clip": clip.clip}
-    all_configs = {"clip": replace(clip.config, weights=None), **configs}
-    for prefix, stage in stages.items():
-        modules[f"{prefix}unet"] = stage.unet
-        all_configs[f"{prefix}unet"] = stage.unet.config
-        all_configs[f"{prefix}adapter"] = stage.adapter.config if stage.adapter is not None else None
-        if stage.adapter is not None:
-            modules[f"{prefix}adapter"] = stage.adapter
-    return save_bundle(path, modules, {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v
-                                       for k, v in all_configs.items()}, kind=BUNDLE_KIND, dtype=dtype, extra=extra)
 
 
 def seeded_noise(shape: list[int], generators: list[torch.Generator], device) -> torch.Tensor:

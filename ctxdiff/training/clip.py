@@ -14,24 +14,21 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from ctxdiff.checkpoints import latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state, \
-    training_state_path
+from ctxdiff.checkpoints import rotate_checkpoints, save_training_state, training_state_path
 from ctxdiff.data.datasets import collate, open_dataset
-from ctxdiff.data.shapes import OBJECT_COLOURS, SHAPES, ShapesWorld, colour_layout, colour_shapes
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import ClipEncoders, load_clip, save_clip
-from ctxdiff.recipes import to_dict
+from ctxdiff.shapes.captions import OBJECT_COLOURS
+from ctxdiff.shapes.datasets import colour_layout
+from ctxdiff.shapes.world import ShapesWorld
 from ctxdiff.training.recipe import Recipe
 from ctxdiff.training.trainer import TrainLoop, check_run_folder, lr_scheduler
 
 PRECISIONS = ("fp32", "bf16")
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp on the learned temperature
-SHAPE_LOGIT_SCALE = 1 / 0.07      # the shape head's input scale: open_clip's initial temperature
-HEAD_OUTPUTS = {"layout": 2, "shape": len(SHAPES)}  # auxiliary heads (train.<name>_loss): outputs per object colour
 
 
 class ClipTrainer(TrainLoop):
@@ -45,11 +42,7 @@ class ClipTrainer(TrainLoop):
     `train.layout_loss` > 0 (shapes world) adds w * the squared error of a linear head that reads
     every object colour's centroid (`colour_layout`) off the image embedding: contrastive batches
     are met by colours and shapes alone, and the vision tower learns to ignore where things are
-    (left and right placements had embedding cosine 0.998). `train.shape_loss` > 0 adds w * the
-    cross-entropy of a linear head that reads every object colour's shape (from the caption,
-    `colour_shapes`) off the image embedding and, the same head, off the text embedding: the
-    contrastive loss alone left "a red circle" and "a red square" at pooled cosine 0.97, so the
-    U-Net conditioned on it could not tell shapes apart. The heads are not part of the CLIP.
+    (left and right placements had embedding cosine 0.998). The head is not part of the CLIP.
     """
 
     ema = None
@@ -68,11 +61,10 @@ class ClipTrainer(TrainLoop):
         torch.manual_seed(cfg.seed)
         self.encoders = load_clip(recipe.model.clip, self.device, trainable=True)
         groups = _param_groups(self.encoders, cfg.weight_decay)
-        self.heads = nn.ModuleDict({name: nn.Linear(self.encoders.embed_dim, size * len(OBJECT_COLOURS))
-                                    for name, size in HEAD_OUTPUTS.items() if getattr(cfg, f"{name}_loss")})
-        self.heads.to(self.device)
-        if self.heads:
-            groups.append({"params": list(self.heads.parameters()), "weight_decay": 0.0})
+        self.layout_head = nn.Linear(self.encoders.embed_dim, 2 * len(OBJECT_COLOURS)).to(self.device) \
+            if cfg.layout_loss else None
+        if self.layout_head is not None:
+            groups.append({"params": list(self.layout_head.parameters()), "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
         self.scheduler = lr_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -97,11 +89,8 @@ class ClipTrainer(TrainLoop):
             image_features = self.encoders.image_features(images)
             text_features = self.encoders.text_features(captions)
             loss = self.loss_fn(image_features, text_features, logit_scale.exp())
-        if "layout" in self.heads:
+        if self.layout_head is not None:
             loss = loss + cfg.layout_loss * self.layout_error(images, image_features.float())
-        if "shape" in self.heads:
-            loss = loss + cfg.shape_loss * (self.shape_error(captions, image_features.float())
-                                            + self.shape_error(captions, text_features.float()))
         self.check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,23 +104,16 @@ class ClipTrainer(TrainLoop):
     def layout_error(self, images: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Mean squared distance between the head's and the pixels' centroid of every object colour."""
         centroids, present = colour_layout(images)
-        predicted = self.heads["layout"](image_features).view(centroids.shape)
+        predicted = self.layout_head(image_features).view(centroids.shape)
         return (predicted - centroids).square().sum(-1)[present].mean()
-
-    def shape_error(self, captions: list[str], features: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the head's shape for every object colour a caption states, read off
-        image or text features (unit vectors, scaled by SHAPE_LOGIT_SCALE)."""
-        labels, present = (t.to(self.device) for t in colour_shapes(captions))
-        logits = self.heads["shape"](SHAPE_LOGIT_SCALE * features)
-        logits = logits.view(len(features), len(OBJECT_COLOURS), len(SHAPES))
-        return F.cross_entropy(logits[present], labels[present])
 
     def preview(self) -> None:
         """A CLIP has no samples to show while it trains (its held-out scores come at the end)."""
 
     def save_checkpoint(self) -> Path:
         state = {"clip": self.encoders.clip.state_dict(), **self.loop_state()}
-        state |= {f"{name}_head": head.state_dict() for name, head in self.heads.items()}
+        if self.layout_head is not None:
+            state["layout_head"] = self.layout_head.state_dict()
         path = save_training_state(training_state_path(self.ckpt_dir, self.step), state)
         rotate_checkpoints(self.ckpt_dir, keep_last=self.recipe.train.keep_last)
         save_clip(self.model_path, self.encoders)
@@ -142,19 +124,10 @@ class ClipTrainer(TrainLoop):
         return self.encoders.requires_grad_(False).eval()
 
     def _load_latest(self) -> None:
-        path = latest_checkpoint(self.ckpt_dir)
-        state = load_training_state(path)
-        recipe = state.get("recipe") or {}
-        if (recipe.get("model"), recipe.get("data")) != (to_dict(self.recipe.model), to_dict(self.recipe.data)):
-            raise CtxdiffError(f"{path}: this checkpoint was trained with another CLIP or data; resume with the "
-                               "recipe that started the run")
+        state, path = self.resume_state()
         self.encoders.clip.load_state_dict(state["clip"])
-        for name in HEAD_OUTPUTS:
-            if (name in self.heads) != (f"{name}_head" in state):
-                raise CtxdiffError(f"{path}: this checkpoint was trained with another train.{name}_loss; resume "
-                                   "with the recipe that started the run")
-            if name in self.heads:
-                self.heads[name].load_state_dict(state[f"{name}_head"])
+        if self.layout_head is not None:
+            self.layout_head.load_state_dict(state["layout_head"])
         self.restore_loop_state(state, path)
 
 

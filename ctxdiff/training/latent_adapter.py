@@ -23,20 +23,19 @@ from typing import Callable
 
 import torch
 
-from ctxdiff.checkpoints import (latest_checkpoint, load_training_state, rotate_checkpoints, save_training_state,
-                                 training_state_path)
+from ctxdiff.checkpoints import rotate_checkpoints, save_training_state, training_state_path
 from ctxdiff.data.datasets import open_dataset
 from ctxdiff.diffusion import diffusion_loss, sample_timesteps
-from ctxdiff.errors import CtxdiffError, UsageError
+from ctxdiff.errors import UsageError
 from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.latent import load_sd
-from ctxdiff.pipelines.latent import (SD_DEFAULTS, LatentText2Image, build_latent_adapter, check_adapter_fits,
-                                      save_latent_adapter)
-from ctxdiff.pipelines.text2image import SamplingParams
+from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentText2Image
+from ctxdiff.formats.latent_adapter import check_adapter_fits, save_latent_adapter
 from ctxdiff.recipes import to_dict
 from ctxdiff.training.recipe import Recipe
 from ctxdiff.training.trainer import (EMA, TrainLoop, _autocast, batch_stream, check_run_folder, lr_scheduler,
                                       step_seed)
+from ctxdiff.models.adapter import build_adapter
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,7 +69,7 @@ class LatentAdapterTrainer(TrainLoop):
         if self.clip is not None and self.clip.image_dim != adapter_cfg.image_dim:
             raise UsageError(f"model.adapter.image_dim is {adapter_cfg.image_dim}, but model.clip's image tokens "
                              f"are {self.clip.image_dim} wide; set model.adapter.image_dim: {self.clip.image_dim}")
-        self.adapter = build_latent_adapter(adapter_cfg, self.models.vae, self.clip).to(device).train()
+        self.adapter = build_adapter(adapter_cfg, self.clip, self.models.vae).to(device).train()
         self.ema = EMA(self.adapter, cfg.ema_decay, cfg.ema_warmup)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
@@ -86,12 +85,7 @@ class LatentAdapterTrainer(TrainLoop):
     # ----------------------------------------------------------------- files
 
     def _load_latest(self) -> None:
-        path = latest_checkpoint(self.ckpt_dir)
-        state = load_training_state(path)
-        recipe = state.get("recipe") or {}
-        if (recipe.get("model"), recipe.get("latent")) != (to_dict(self.recipe.model), to_dict(self.recipe.latent)):
-            raise CtxdiffError(f"{path}: this checkpoint was trained with another model or backbone; resume with "
-                               "the recipe that started the run")
+        state, path = self.resume_state()
         self.adapter.load_state_dict(state["adapter"])
         self.restore_loop_state(state, path)
 
@@ -159,7 +153,7 @@ class LatentAdapterTrainer(TrainLoop):
         """A grid of samples with the EMA adapter (DDIM, at most 20 steps) at the training resolution."""
         prompts = self.preview_prompts(count)
         pipe = LatentText2Image(self.models, self.ema.shadow, SD_DEFAULTS, self.pipe.source, *self.pipe.size)
-        params = replace(SamplingParams.from_sample_config(self.recipe.sample, SD_DEFAULTS.lowres_noise_level),
+        params = replace(self.recipe.sample,
                          steps=min(20, self.recipe.sample.steps))
         return self.write_preview(pipe.sample(prompts, list(range(len(prompts))), params), prompts)
 

@@ -71,11 +71,10 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.data.hard_negatives and (self.train.stage != "clip" or self.latent is not None):
             raise ValueError("data.hard_negatives is for contrastive CLIP training (train.stage: clip) only")
-        for name in ("layout_loss", "shape_loss"):
-            if getattr(self.train, name) and (self.train.stage != "clip" or self.data.source != "shapes"
-                                              or self.latent is not None):
-                raise ValueError(f"train.{name} is for CLIP training on the shapes world (train.stage: clip, "
-                                 "data.source: shapes) only")
+        if self.train.layout_loss and (self.train.stage != "clip" or self.data.source != "shapes"
+                                       or self.latent is not None):
+            raise ValueError("train.layout_loss is for CLIP training on the shapes world (train.stage: clip, "
+                             "data.source: shapes) only")
 
 
 def read_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

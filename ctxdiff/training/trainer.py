@@ -36,9 +36,10 @@ from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
-from ctxdiff.pipelines.text2image import SamplingParams, Stage, Text2Image, build_adapter, save_t2i_bundle
-from ctxdiff.recipes import TrainConfig, dump_recipe, from_dict, to_dict
-from ctxdiff.training.recipe import ModelConfig, Recipe
+from ctxdiff.pipelines.text2image import Stage, Text2Image, build_adapter
+from ctxdiff.formats.t2i import save_t2i_bundle
+from ctxdiff.recipes import SampleConfig, TrainConfig, dump_recipe, from_dict, to_dict
+from ctxdiff.training.recipe import Recipe
 
 
 @dataclass
@@ -112,9 +113,8 @@ def _check_widths(recipe: Recipe, clip) -> None:
             widths.append(("model.adapter.image_dim", model.adapter.image_dim, clip.image_dim, "image token"))
     for key, width, expected, what in widths:
         if width != expected:
-            words = " (word_tokens doubles it)" if clip.config.word_tokens and what == "text token" else ""
             raise UsageError(f"{key} is {width}, but the CLIP '{clip.config.arch}' gives {what}s of width "
-                             f"{expected}{words}; set {key}: {expected}")
+                             f"{expected}; set {key}: {expected}")
 
 
 class _StepBatches:
@@ -171,13 +171,25 @@ def _init_from_bundle(path: str, prefix: str, unet: UNet, adapter: nn.Module | N
         load_module_state(module, bundle.tensors[name], f"{path} {name}")
 
 
-def _same_model(saved: dict | None, model: ModelConfig) -> bool:
-    """Whether a checkpoint's recorded model config is `model`, read through today's dataclasses
-    (a field added since, like `adapter.bound`, takes its default: the behaviour the run had)."""
+RESUME_MUST_MATCH = ("model", "data", "diffusion", "latent", "train.stage", "train.layout_loss")
+
+
+def recipe_changes(saved: dict | None, recipe: Recipe) -> list[str]:
+    """The keys of RESUME_MUST_MATCH (what decides the function being trained) in which `recipe`
+    differs from a checkpoint's recorded recipe, read through today's dataclasses (a field added
+    since, like `adapter.bound`, takes its default: the behaviour the run had)."""
     try:
-        return to_dict(from_dict(ModelConfig, saved or {})) == to_dict(model)
+        then = to_dict(from_dict(Recipe, saved or {}))
     except CtxdiffError:   # a key that no longer exists
-        return False
+        return ["recipe"]
+    now = to_dict(recipe)
+
+    def at(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    return [key for key in RESUME_MUST_MATCH if at(then, key) != at(now, key)]
 
 
 def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
@@ -274,6 +286,17 @@ class TrainLoop:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "rng": capture_rng_state(), "recipe": to_dict(self.recipe)}
 
+    def resume_state(self) -> tuple[dict, Path]:
+        """The latest checkpoint of this run, refused if it was trained with another model, data,
+        noise process or stage (`recipe_changes`); train.steps, lr and the like may change."""
+        path = latest_checkpoint(self.ckpt_dir)
+        state = load_training_state(path)
+        changed = recipe_changes(state.get("recipe"), self.recipe)
+        if changed:
+            raise CtxdiffError(f"{path}: this checkpoint was trained with another {', '.join(changed)}; resume "
+                               "with the recipe that started the run")
+        return state, path
+
     def restore_loop_state(self, state: dict, path: Path) -> None:
         if self.ema is not None:
             self.ema.shadow.load_state_dict(state["ema"])
@@ -358,11 +381,7 @@ class Trainer(TrainLoop):
         check_run_folder(self.out, self.ckpt_dir, self.resume)
 
     def _load_latest(self) -> None:
-        path = latest_checkpoint(self.ckpt_dir)
-        state = load_training_state(path)
-        if state.get("recipe") is not None and not _same_model(state["recipe"].get("model"), self.recipe.model):
-            raise CtxdiffError(f"{path}: this checkpoint was trained with another model config; resume with the "
-                               "recipe that started the run")
+        state, path = self.resume_state()
         self.objective.load_state_dict(state["model"])
         self.restore_loop_state(state, path)
 
@@ -472,7 +491,8 @@ class Trainer(TrainLoop):
             pipe.sr = self.ema_stage()
         else:
             pipe = Text2Image(self.clip, self.ema_stage(), None, self.recipe.diffusion,
-                              SamplingParams(), "preview")
-        params = replace(SamplingParams.from_sample_config(self.recipe.sample, self.recipe.train.lowres_noise_level),
-                         steps=min(20, self.recipe.sample.steps), sr_steps=min(20, self.recipe.sample.sr_steps))
+                              SampleConfig(), "preview")
+        sample = self.recipe.sample
+        params = replace(sample, lowres_noise_level=sample.lowres_noise_level if sample.lowres_noise_level is not None
+                         else self.recipe.train.lowres_noise_level, steps=min(20, self.recipe.sample.steps), sr_steps=min(20, self.recipe.sample.sr_steps))
         return self.write_preview(pipe.sample(prompts, list(range(len(prompts))), params), prompts)
