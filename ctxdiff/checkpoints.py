@@ -26,7 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ctxdiff import __version__
+from ctxdiff import __version__, safe_pickle
 from ctxdiff.errors import CtxdiffError
 
 TORCH_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
@@ -227,21 +227,62 @@ def load_module_state(
 
 
 def load_torch_file(path: str | Path) -> Any:
-    """torch.load(weights_only=True) onto the CPU; pickles that need code are refused."""
+    """torch.load(weights_only=True) onto the CPU; pickles that need code are refused.
+
+    A pickle naming classes beyond torch's weights is read only when every one is known data
+    (Lightning callback state, numpy scalars: `ctxdiff.safe_pickle`, which binds them to inert
+    stand-ins); anything else is refused before it is unpickled (zip-format files) or as it is met.
+    """
     path = Path(path)
     if not path.is_file():
         raise _missing_file(path, "an existing checkpoint file")
+    names = safe_pickle.unsafe_globals(path)  # None: not scanned (legacy format); torch.load still checks
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if names:
+            return _load_naming_globals(path, names)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if names is None and _names_a_global(e):  # a legacy-format file: the names one at a time
+                return _load_naming_globals(path, _global_names(e))
+            raise
+    except CtxdiffError:
+        raise
+    except safe_pickle.ForbiddenGlobals as e:
+        raise _refused_pickle(path, e.names) from e
     except pickle.UnpicklingError as e:
-        if "safe_globals" in str(e) or "GLOBAL" in str(e):  # the pickle names a class or function to call
-            raise CtxdiffError(
-                f"{path}: refused: needs arbitrary code execution (pickle); "
-                "convert it to .safetensors with a tool you trust"
-            ) from e
+        if _names_a_global(e):  # the pickle names a class or function to call
+            raise _refused_pickle(path, _global_names(e)) from e
         raise _corrupt_torch_file(path) from e
     except Exception as e:  # torch.load raises many types (RuntimeError, KeyError, EOFError...) on bad bytes
         raise _corrupt_torch_file(path) from e
+
+
+def _load_naming_globals(path: Path, names: list[str]) -> Any:
+    """A pickle that names more than torch's weights: read with safe_pickle's stand-ins where this torch can."""
+    if safe_pickle.forbidden(names):
+        raise safe_pickle.ForbiddenGlobals(safe_pickle.forbidden(names))
+    if not safe_pickle.supported():
+        raise CtxdiffError(f"{path}: names classes ({', '.join(names)}) that torch "
+                           f"{torch.__version__} cannot map to stand-ins; install torch >= 2.6, or convert the "
+                           "file to .safetensors with a tool you trust")
+    return safe_pickle.load(path)
+
+
+def _names_a_global(e: pickle.UnpicklingError) -> bool:
+    return "safe_globals" in str(e) or "GLOBAL" in str(e)
+
+
+def _global_names(e: pickle.UnpicklingError) -> list[str]:
+    """The names torch's weights-only unpickler stopped at, from its message."""
+    return re.findall(r"GLOBAL (\S+)", str(e))
+
+
+def _refused_pickle(path: Path, names: list[str]) -> CtxdiffError:
+    listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    named = f" (it names {listing}, not known to be data)" if names else ""
+    return CtxdiffError(f"{path}: refused: needs arbitrary code execution (pickle){named}; "
+                        "convert it to .safetensors with a tool you trust")
 
 
 def _corrupt_torch_file(path: Path) -> CtxdiffError:
