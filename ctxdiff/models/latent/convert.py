@@ -7,8 +7,12 @@ CLIPTextModel names, so diffusers folders load as they are. A CompVis checkpoint
     model_ema.*                               its EMA copy, dots removed
                                               ("model_ema.diffusion_modelinput_blocks00weight")
     first_stage_model.*                       the VAE (encoder.down.N.block.M, mid.attn_1 with 1x1-conv q/k/v)
-    cond_stage_model.transformer.text_model.* SD 1.x text (transformers names)
-    cond_stage_model.model.*                  SD 2.x text (open_clip names, fused attn.in_proj)
+    cond_stage_model.transformer.text_model.* SD 1.x text (transformers names; older tools, and diffusers'
+                                              conversion script under transformers >= 5.6, leave out
+                                              `text_model.`: `normalize_text_keys` puts it back)
+    cond_stage_model.model.*                  SD 2.x text (open_clip names, fused attn.in_proj): the full
+                                              24-block tower (SD's own files) or the 23 blocks SD uses
+                                              (written from a diffusers folder); see `openclip_layer`
 
 The maps are generated from a config by looping over levels: `*_module_map` pairs each of our
 module prefixes with its CompVis prefix and the renames inside that module; `compvis_names`
@@ -27,11 +31,18 @@ from ctxdiff.models.latent.vae import LatentVAE, LatentVAEConfig
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
-# In SD checkpoints but not part of our models: CLIP's position-id buffer, OpenCLIP's projection and temperature.
+# In SD checkpoints but not part of our models: CLIP's position-id buffer (also where diffusers' conversion
+# script leaves it in an SD 2.x file), OpenCLIP's projection and temperature.
 IGNORED_TEXT_KEYS = {CLIP_PREFIX + "embeddings.position_ids", OPENCLIP_PREFIX + "text_projection",
-                     OPENCLIP_PREFIX + "logit_scale"}
+                     OPENCLIP_PREFIX + "logit_scale",
+                     OPENCLIP_PREFIX + "transformer.text_model.embeddings.position_ids"}
+_CLIP_SHORT_PREFIX = "cond_stage_model.transformer."
+_CLIP_MODULES = ("embeddings.", "encoder.", "final_layer_norm.")
+OPENCLIP_H_BLOCKS = 24  # OpenCLIP ViT-H/14's text tower; SD 2.x conditions on its 23rd block
+OPENCLIP_H_WIDTH = 1024
 
 ModuleMap = list[tuple[str, str, dict[str, str]]]
 
@@ -300,27 +311,64 @@ def detect_vae_config(state: dict[str, torch.Tensor]) -> LatentVAEConfig:
         raise CtxdiffError(f"the VAE is incomplete (no {e} found); pass an unmodified SD 1.x/2.x checkpoint") from e
 
 
-def detect_text_config(state: dict[str, torch.Tensor]) -> LatentTextConfig:
-    """SD 1.x (transformers names, quick_gelu, last layer) or SD 2.x (open_clip names, gelu, penultimate).
+def normalize_text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x text keys without `text_model.` (`cond_stage_model.transformer.{embeddings,encoder,final_layer_norm}.*`,
+    from older tools and from diffusers' conversion script under transformers >= 5.6) put under CLIP_PREFIX, as
+    AUTOMATIC1111 and kohya do; a state that has CLIP_PREFIX keys is returned as it is."""
+    if any(k.startswith(CLIP_PREFIX) for k in state):
+        return state
+    short = len(_CLIP_SHORT_PREFIX)
+    return {CLIP_PREFIX + k[short:] if k.startswith(_CLIP_SHORT_PREFIX) and k[short:].startswith(_CLIP_MODULES)
+            else k: v for k, v in state.items()}
 
-    CLIP text towers use 64 channels per head.
+
+def openclip_layer(blocks: int, has_projection: bool) -> str:
+    """Which output of a stored OpenCLIP text tower conditions SD 2.x: "penultimate" or "last".
+
+    SD 2.x uses the 23rd of ViT-H/14's 24 blocks. SD's own files store all 24 (kohya's converter pads
+    to 24 too); diffusers' text_encoder/ stops at the 23rd, and its conversion script writes those 23.
+    Either way 23 run. A tower of another depth (not ViT-H: test-sized models) is told by SD's mark of
+    a whole OpenCLIP model, the text_projection its files carry.
+    """
+    if blocks == OPENCLIP_H_BLOCKS:
+        return "penultimate"
+    if blocks == OPENCLIP_H_BLOCKS - 1:
+        return "last"
+    return "penultimate" if has_projection else "last"
+
+
+def detect_text_config(state: dict[str, torch.Tensor]) -> LatentTextConfig:
+    """The text encoder of a CompVis state dict (text keys normalised by `normalize_text_keys`).
+
+    transformers names: SD 1.x (OpenAI CLIP, quick_gelu, last layer), or, 1024 wide, SD 2.x's OpenCLIP
+    ViT-H in those names (gelu, padded with 0; which layer as `openclip_layer`). open_clip names: SD 2.x
+    (gelu, padded with 0, `openclip_layer`). CLIP text towers use 64 channels per head.
     """
     try:
         if any(k.startswith(CLIP_PREFIX) for k in state):
             p = CLIP_PREFIX
             tokens = state[p + "embeddings.token_embedding.weight"]
             layers = len({k.split(".")[5] for k in state if k.startswith(p + "encoder.layers.")})
+            openclip = tokens.shape[1] == OPENCLIP_H_WIDTH
             return LatentTextConfig(width=tokens.shape[1], layers=layers, heads=tokens.shape[1] // 64,
                                     intermediate_size=state[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
                                     vocab_size=tokens.shape[0],
-                                    max_positions=state[p + "embeddings.position_embedding.weight"].shape[0])
+                                    max_positions=state[p + "embeddings.position_embedding.weight"].shape[0],
+                                    **(dict(act="gelu", layer=openclip_layer(layers, False), pad_token_id=0)
+                                       if openclip else {}))
         p = OPENCLIP_PREFIX
         tokens = state[p + "token_embedding.weight"]
         layers = len({k.split(".")[4] for k in state if k.startswith(p + "transformer.resblocks.")})
         return LatentTextConfig(width=tokens.shape[1], layers=layers, heads=tokens.shape[1] // 64,
                                 intermediate_size=state[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                                 vocab_size=tokens.shape[0], max_positions=state[p + "positional_embedding"].shape[0],
-                                act="gelu", layer="penultimate", pad_token_id=0)
+                                act="gelu", layer=openclip_layer(layers, p + "text_projection" in state),
+                                pad_token_id=0)
     except KeyError as e:
-        raise CtxdiffError(f"no complete text encoder (missing {e}; expected {CLIP_PREFIX}* or {OPENCLIP_PREFIX}*); "
-                           "pass a full Stable Diffusion checkpoint") from e
+        text_keys = sorted(k for k in state if k.startswith(TEXT_PREFIX))
+        if not text_keys:
+            raise CtxdiffError(f"no text encoder in it (no {TEXT_PREFIX}* keys); pass a full Stable Diffusion "
+                               "checkpoint") from e
+        raise CtxdiffError(f"the text encoder is in a layout ctxdiff does not know (missing {e}; it has e.g. "
+                           f"{text_keys[0]}; expected {CLIP_PREFIX}* or {OPENCLIP_PREFIX}*); pass an SD 1.x/2.x "
+                           "checkpoint") from e

@@ -2,8 +2,11 @@
 
 `load_sd(path)` accepts
   - a single file in the original CompVis layout: `.safetensors`, or `.ckpt`/`.pt` read with
-    torch.load(weights_only=True) (pickles that need code are refused). The architecture is read
-    from tensor shapes; EMA weights (`model_ema.*`) replace the U-Net's when present;
+    torch.load(weights_only=True) (Lightning's callback state mapped to inert stand-ins, see
+    ctxdiff/safe_pickle.py; pickles that need code are refused). The architecture is read from
+    tensor shapes (text keys without `text_model.` included; SD 2.x towers of 24 or 23 OpenCLIP
+    blocks both run 23, see convert.openclip_layer); EMA weights (`model_ema.*`) replace the
+    U-Net's when present;
   - a diffusers folder: model_index.json, unet/, vae/, text_encoder/ (config.json plus
     .safetensors or .bin weights), scheduler/scheduler_config.json if present. tokenizer/ is not
     needed: prompts are tokenised with open_clip's BPE, the same vocabulary.
@@ -30,7 +33,7 @@ from ctxdiff.checkpoints import load_module_state, read_state_dict, save_bundle
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.latent.convert import (
     UNET_PREFIX, VAE_PREFIX, compvis_text_config, detect_text_config, detect_unet_config, detect_vae_config,
-    ema_key, text_from_compvis, to_compvis, unet_from_compvis, vae_from_compvis,
+    ema_key, normalize_text_keys, text_from_compvis, to_compvis, unet_from_compvis, vae_from_compvis,
 )
 from ctxdiff.models.latent.text import LatentTextConfig, LatentTextEncoder, vocab_id
 from ctxdiff.models.latent.unet import LatentUNet, LatentUNetConfig
@@ -129,6 +132,7 @@ def save_compvis(path: str | Path, models: LatentModels) -> Path:
 def _load_single_file(path: Path, prediction_type, use_ema, device, dtype) -> LatentModels:
     state = read_state_dict(path)
     _refuse_other_families(path, state)
+    state = normalize_text_keys(state)
     saved = _saved_configs(path)
     try:
         if saved is not None:

@@ -1,7 +1,9 @@
 """The CLIP text transformers of Stable Diffusion, with transformers' `CLIPTextModel` names.
 
 SD 1.x: OpenAI CLIP ViT-L/14 text, the last layer's output after the final LayerNorm.
-SD 2.x: OpenCLIP ViT-H/14 text, the penultimate layer's output, then the final LayerNorm.
+SD 2.x: OpenCLIP ViT-H/14 text, the penultimate (23rd of 24) layer's output, then the final
+LayerNorm: `layer="penultimate"` for the whole tower (SD's own files), `layer="last"` for one that
+stops at the 23rd (diffusers' text_encoder/, and single files converted from it).
 
 Why our own module rather than open_clip's text tower: the same network, but this one has the
 parameter names of transformers' CLIPTextModel (what diffusers folders store in
@@ -62,7 +64,7 @@ class LatentTextConfig:
 
     @classmethod
     def v2(cls) -> "LatentTextConfig":
-        """OpenCLIP ViT-H/14 text, penultimate layer, padded with 0 (SD 2.x single files)."""
+        """OpenCLIP ViT-H/14 text, all 24 blocks, penultimate layer, padded with 0 (SD 2.x's own single files)."""
         return cls(width=1024, layers=24, heads=16, intermediate_size=4096, act="gelu", layer="penultimate",
                    pad_token_id=0)
 

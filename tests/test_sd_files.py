@@ -1,0 +1,199 @@
+"""Stable Diffusion single files as users have them (issue 23), each read as diffusers reads it.
+
+Tiny random diffusers/transformers models are written in the layouts tools write: SD 1.x text
+with and without `text_model.`, SD 2.x OpenCLIP towers of 24 blocks (SD's own files) and of 23
+(diffusers' conversion script, from a diffusers folder); Lightning .ckpt pickles are in
+tests/test_safe_pickle.py. Where diffusers' single-file loader reads the file (offline, given the
+configs) our models are compared with its to 1e-5; otherwise with the models the file was written
+from.
+"""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    create_diffusers_clip_model_from_ldm, load_single_file_checkpoint,
+)
+from tiny_sd import (  # noqa: E402
+    clip_text_model, diffusers_models, openclip_text_keys, sd1_text_keys, unet_vae_compvis, write_diffusers_folder,
+)
+
+from ctxdiff.models.latent import LatentTextConfig, LatentTextEncoder, load_sd, tokenize  # noqa: E402
+from ctxdiff.models.latent.convert import (  # noqa: E402
+    OPENCLIP_PREFIX, compvis_names, detect_text_config, normalize_text_keys, openclip_layer, openclip_module_map,
+)
+
+TOL = 1e-5
+PROMPTS = ["a red square above a blue circle", "an astronaut riding a horse, oil painting"]
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _save(path, state: dict[str, torch.Tensor]):
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def _without_layer(text, layer: int):
+    """A CLIPTextModel with the blocks of `text` before `layer`: what diffusers' SD 2.x text_encoder/ holds."""
+    config = transformers.CLIPTextConfig(**{**text.config.to_dict(), "num_hidden_layers": layer})
+    cut = transformers.CLIPTextModel(config).eval()
+    state = {k: v for k, v in text.state_dict().items() if f"layers.{layer}." not in k}
+    cut.load_state_dict(state)
+    return cut
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v1")
+    models = diffusers_models("v1")
+    text = clip_text_model("v1", 3)
+    folder = write_diffusers_folder(root / "model", models["unet"], models["vae"], text)
+    return dict(root=root, folder=folder, text=text, unet_vae=unet_vae_compvis(models["unet"], models["vae"]),
+                **models)
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    """OpenCLIP-like text: a 24-block tower and the 23 blocks of it a diffusers folder keeps."""
+    root = tmp_path_factory.mktemp("v2")
+    models = diffusers_models("v2")
+    text24 = clip_text_model("v2", 24)
+    text23 = _without_layer(text24, 23)
+    folder = write_diffusers_folder(root / "model", models["unet"], models["vae"], text23)
+    return dict(root=root, folder=folder, text24=text24, text23=text23,
+                unet_vae=unet_vae_compvis(models["unet"], models["vae"]), **models)
+
+
+def _diffusers_reads(path, config_folder):
+    """diffusers' single-file loader on `path`, offline, with the configs of `config_folder`."""
+    kwargs = dict(config=str(config_folder), local_files_only=True)
+    unet = diffusers.UNet2DConditionModel.from_single_file(str(path), subfolder="unet", **kwargs).eval()
+    vae = diffusers.AutoencoderKL.from_single_file(str(path), subfolder="vae", **kwargs).eval()
+    checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    text = create_diffusers_clip_model_from_ldm(transformers.CLIPTextModel, checkpoint, subfolder="text_encoder",
+                                                **kwargs).eval()
+    return unet, vae, text
+
+
+def _text_errors(ours, text) -> dict[str, float]:
+    ids = tokenize(PROMPTS, ours.config.text.pad_token_id)
+    with torch.no_grad():
+        mine, ref = ours.text(ids), text(ids)
+    return dict(tokens=_err(mine.tokens, ref.last_hidden_state), pooled=_err(mine.pooled, ref.pooler_output))
+
+
+def _model_errors(ours, unet, vae, text) -> dict[str, float]:
+    g = torch.Generator().manual_seed(3)
+    latents, tau = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0, 999])
+    context, image = torch.randn(2, 77, 64, generator=g), torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        errors = dict(unet=_err(ours.unet(latents, tau, context), unet(latents, tau, context).sample),
+                      decode=_err(ours.vae.decode(latents[:1]), vae.decode(latents[:1]).sample),
+                      encode=_err(ours.vae.encode(image).mean, vae.encode(image).latent_dist.mean))
+    return {**errors, **_text_errors(ours, text)}
+
+
+def _assert_within(errors: dict[str, float], tol: float = TOL):
+    assert max(errors.values()) <= tol, errors
+
+
+# --------------------------------------------------------------------------- SD 1.x text keys
+
+
+def test_sd1_file_matches_diffusers_single_file_loader(v1, tmp_path):
+    path = _save(tmp_path / "sd1.safetensors", {**v1["unet_vae"], **sd1_text_keys(v1["text"])})
+    _assert_within(_model_errors(load_sd(path), *_diffusers_reads(path, v1["folder"])))
+
+
+def test_sd1_text_keys_without_text_model_are_read_as_a1111_reads_them(v1, tmp_path):
+    """cond_stage_model.transformer.{embeddings,encoder,final_layer_norm}.*: diffusers' own loader cannot read
+    these (it looks for text_model.); they give the text encoder they were written from, and the very models
+    of the same file with text_model."""
+    short = sd1_text_keys(v1["text"], text_model=False)
+    assert not any(".text_model." in k for k in short)
+    ours = load_sd(_save(tmp_path / "short.safetensors", {**v1["unet_vae"], **short}))
+    _assert_within(_text_errors(ours, v1["text"]))
+    full = load_sd(_save(tmp_path / "full.safetensors", {**v1["unet_vae"], **sd1_text_keys(v1["text"])}))
+    assert ours.config == full.config
+    for part in ("unet", "vae", "text"):
+        a, b = getattr(ours, part).state_dict(), getattr(full, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- SD 2.x OpenCLIP towers
+
+
+def test_sd2_file_with_24_openclip_blocks_runs_23_as_diffusers_does(v2, tmp_path):
+    """SD's own layout (the whole OpenCLIP tower, text_projection included): SD conditions on block 23."""
+    path = _save(tmp_path / "sd2.safetensors",
+                 {**v2["unet_vae"], **openclip_text_keys(v2["text24"], whole_model=True)})
+    ours = load_sd(path, prediction_type="v_prediction")
+    assert (ours.config.text.layers, ours.config.text.layer) == (24, "penultimate")
+    _assert_within(_model_errors(ours, *_diffusers_reads(path, v2["folder"])))
+    _assert_within(_text_errors(ours, v2["text23"]))
+
+
+def test_sd2_file_with_23_openclip_blocks_runs_all_23_as_diffusers_does(v2, tmp_path):
+    """What diffusers' conversion script writes from a diffusers folder: 23 blocks, no projection. Taking the
+    penultimate of those (22 blocks, as before) is far off."""
+    path = _save(tmp_path / "converted.safetensors",
+                 {**v2["unet_vae"], **openclip_text_keys(v2["text23"], whole_model=False)})
+    ours = load_sd(path, prediction_type="v_prediction")
+    assert (ours.config.text.layers, ours.config.text.layer) == (23, "last")
+    _assert_within(_model_errors(ours, *_diffusers_reads(path, v2["folder"])))
+    _assert_within(_text_errors(ours, v2["text23"]))
+    ids = tokenize(PROMPTS, 0)
+    with torch.no_grad():
+        hidden = v2["text23"](ids, output_hidden_states=True).hidden_states[-2]
+        assert _err(ours.text(ids).tokens, v2["text23"].final_layer_norm(hidden)) > 0.1
+
+
+@pytest.mark.parametrize("blocks, whole_model, layer", [(3, True, "penultimate"), (3, False, "last")])
+def test_openclip_towers_of_other_depths_are_told_by_their_projection(blocks, whole_model, layer, tmp_path, v2):
+    """Not ViT-H's depth: a whole OpenCLIP model (SD's files carry its text_projection) runs all but its last
+    block, a tower without one runs all it has; each as the CLIPTextModel it was written from says."""
+    text = clip_text_model("v2", blocks, seed=11)
+    path = _save(tmp_path / "m.safetensors", {**v2["unet_vae"], **openclip_text_keys(text, whole_model=whole_model)})
+    ours = load_sd(path, prediction_type="v_prediction")
+    assert ours.config.text.layer == layer
+    reference = _without_layer(text, blocks - 1) if layer == "penultimate" else text
+    _assert_within(_text_errors(ours, reference))
+
+
+def _text_state_on_meta(config: LatentTextConfig, names: str, projection: bool) -> dict[str, torch.Tensor]:
+    """A full-size text tower's keys and shapes (meta tensors: no memory) in transformers or open_clip names."""
+    with torch.device("meta"):
+        state = LatentTextEncoder(config).state_dict()
+    if names == "transformers":
+        return {"cond_stage_model.transformer." + k: v for k, v in state.items()}
+    names = compvis_names(state, openclip_module_map(config))
+    out = {OPENCLIP_PREFIX + names[k]: v for k, v in state.items()}
+    if projection:
+        out[OPENCLIP_PREFIX + "text_projection"] = torch.empty(config.width, config.width, device="meta")
+    return out
+
+
+@pytest.mark.parametrize("stored, names, projection, layer", [
+    (24, "open_clip", True, "penultimate"),    # SD 2.x's own files
+    (24, "open_clip", False, "penultimate"),   # ... with the projection pruned
+    (23, "open_clip", False, "last"),          # diffusers' conversion script (transformers < 5.6)
+    (23, "open_clip", True, "last"),           # ... and a tool that adds a dummy projection
+    (23, "transformers", False, "last"),       # the script under transformers >= 5.6: no text_model. either
+])
+def test_full_size_sd2_text_towers_run_23_blocks_however_stored(stored, names, projection, layer):
+    config = LatentTextConfig(width=1024, layers=stored, heads=16, intermediate_size=4096, act="gelu",
+                              layer="penultimate" if stored == 24 else "last", pad_token_id=0)
+    state = _text_state_on_meta(config, names, projection)
+    detected = detect_text_config(normalize_text_keys(state))
+    assert detected == config and detected.layer == layer
+    assert stored - (detected.layer == "penultimate") == 23
+    assert openclip_layer(24, False) == "penultimate" and openclip_layer(23, True) == "last"
