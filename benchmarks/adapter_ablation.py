@@ -2,8 +2,8 @@
 every guidance weight, faster convergence, a tighter likelihood bound).
 
 Two runs of the same recipe, seed and steps, one with the adapter and one with `model.adapter: null`
-(r = 0): `recipes/shapes-bounded.yaml` and `recipes/shapes-bounded-noadapter.yaml` (the shipped base
-stage), or `recipes/shapes.yaml` and `recipes/shapes-noadapter.yaml` (the previous default).
+(r = 0): `recipes/shapes-base.yaml` and `recipes/shapes-base-noadapter.yaml` (the shipped base
+stage and its ablation arm).
 Compares their base stages (32x32) on held-out prompts: judge accuracy per attribute (no neural
 network), CLIP score and FID on the shapes CLIP's image features, bits/dim on held-out images, the
 guidance sweep, and the loss / judge-accuracy curves over training steps. Writes results.json, a Markdown table, curves.png and guidance.png.
@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from ctxdiff.checkpoints import numbered_checkpoints
-from ctxdiff.shapes.datasets import ShapesDataset
-from ctxdiff.shapes.render import render_scene
-from ctxdiff.shapes.world import ShapesWorld, held_out_prompts, scene_from_caption
 from ctxdiff.diffusion import variational_bound
 from ctxdiff.metrics.clip_score import embed_images, embed_prompts, scores_from_embeddings
 from ctxdiff.metrics.fid import feature_stats, frechet_distance
-from ctxdiff.shapes.judge import judge_many
 from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import Text2Image
+from ctxdiff.shapes.datasets import ShapesDataset
+from ctxdiff.shapes.judge import judge_many
+from ctxdiff.shapes.render import render_scene
+from ctxdiff.shapes.world import ShapesWorld, held_out_prompts, scene_from_caption
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count")
 

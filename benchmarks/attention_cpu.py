@@ -2,7 +2,7 @@
 
     python benchmarks/attention_cpu.py                        # bf16 and fp32, forward and forward+backward
     python benchmarks/attention_cpu.py --threads 2 --batch 32
-    python benchmarks/attention_cpu.py --recipe recipes/shapes.yaml   # and whole training steps of a recipe
+    python benchmarks/attention_cpu.py --recipe recipes/shapes-base.yaml   # and whole training steps of a recipe
 
 On the CPU the fused kernel's backward is slow for the short sequences of the pixel U-Nets and the
 adapter (64-256 tokens): `ctxdiff.models.layers.attention` picks the kernel by this table. After a
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--recipe", help="also time training steps of this recipe (e.g. recipes/shapes.yaml)")
+    parser.add_argument("--recipe", help="also time training steps of this recipe (e.g. recipes/shapes-base.yaml)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

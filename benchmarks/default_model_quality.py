@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import torch
 
-from ctxdiff.shapes.world import held_out_prompts
-from ctxdiff.shapes.judge import judge_many
+from ctxdiff.formats.t2i import DEFAULT_MODEL
 from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import Text2Image
-from ctxdiff.formats.t2i import DEFAULT_MODEL
+from ctxdiff.shapes.judge import judge_many
+from ctxdiff.shapes.world import held_out_prompts
 
 
 def main() -> None:

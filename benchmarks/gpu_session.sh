@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session, end to end: the test suite on CUDA, the adapter ablation (recipes/shapes.yaml
-# with and without the adapter, same seed and steps) trained and evaluated on the GPU, the SR
+# One GPU session, end to end: the test suite on CUDA, the adapter ablation (recipes/shapes-base.yaml
+# and recipes/shapes-base-noadapter.yaml: with and without the adapter, same seed and steps) trained and evaluated on the GPU, the SR
 # stage that completes the default cascade, and the GPU benchmarks; the shapes CLIP is trained
 # first by recipes/shapes-clip.yaml.
 #   benchmarks/gpu_session.sh OUT_DIR            (SMOKE=1 for a few-step CPU rehearsal)
@@ -33,9 +33,9 @@ python3 -m ctxdiff --device $DEV --quiet train -r recipes/shapes-clip.yaml --set
   "${CLIP_STEPS[@]}" > "$OUT/logs/train-clip.log" 2>&1
 log "train shapes-clip exit $? $(cat $RUNS/shapes-clip/clip-eval.json 2>/dev/null | tr -d '\n ')"
 SETS+=(--set model.clip.weights=$RUNS/shapes-clip/clip.safetensors)
-train recipes/shapes.yaml shapes-base &
+train recipes/shapes-base.yaml shapes-base &
 A=$!
-train recipes/shapes-noadapter.yaml shapes-base-noadapter &
+train recipes/shapes-base-noadapter.yaml shapes-base-noadapter &
 B=$!
 wait $P
 log "pytest exit $? ($(tail -1 "$OUT/logs/pytest.log"))"

@@ -34,8 +34,8 @@ from ctxdiff.models.latent import (
     LatentModels, LatentSDConfig, LatentTextConfig, LatentTextEncoder, LatentUNet, LatentUNetConfig, LatentVAE,
     LatentVAEConfig, SchedulerInfo, save_compvis,
 )
-from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentText2Image
 from ctxdiff.models.adapter import DecodedClipTokens
+from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentText2Image
 from ctxdiff.training.latent_adapter import LatentAdapterTrainer
 from ctxdiff.training.recipe import read_recipe
 

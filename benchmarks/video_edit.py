@@ -6,7 +6,7 @@
     python benchmarks/video_edit.py shapes --train-steps 1000 --seeds 12
 
 `cost` runs every (frames, adapter) pair in its own process on a model of the bundled default's
-size (recipes/shapes.yaml: 32x32 U-Net, CLIP-branch adapter, shapes CLIP; random weights), on
+size (recipes/shapes-base.yaml: 32x32 U-Net, CLIP-branch adapter, shapes CLIP; random weights), on
 `--model FILE` (a t2i bundle or a Stable Diffusion checkpoint), or with `--model sd15` on a
 randomly initialised SD 1.5-shaped latent model (860M U-Net, VAE, ViT-L text; 512x512 frames,
 64x64 latents; fp16 on CUDA; the adapter is a new spatio-temporal one on latent patches), and reports seconds per tuning
@@ -44,14 +44,15 @@ SCENE = "a large {colour} circle moving to the {direction} on a gray background"
 # -- cost ----------------------------------------------------------------------------------------
 
 def default_sized_model(path: Path) -> Path:
-    """A t2i bundle shaped like the bundled default's base stage (recipes/shapes.yaml), random weights."""
+    """A t2i bundle shaped like the bundled default's base stage (recipes/shapes-base.yaml), random weights."""
     from ctxdiff.models.encoders import load_clip
     from ctxdiff.models.unet import UNet
-    from ctxdiff.pipelines.text2image import Stage, build_adapter
+    from ctxdiff.models.adapter import build_adapter
+    from ctxdiff.models.stage import Stage
     from ctxdiff.formats.t2i import save_t2i_bundle
     from ctxdiff.training.recipe import read_recipe
 
-    recipe = read_recipe(Path(__file__).resolve().parent.parent / "recipes" / "shapes.yaml",
+    recipe = read_recipe(Path(__file__).resolve().parent.parent / "recipes" / "shapes-base.yaml",
                          ["model.clip.weights=null"])
     torch.manual_seed(0)
     clip = load_clip(recipe.model.clip)

@@ -9,9 +9,9 @@ from ctxdiff.models.adapter import ADAPTER_PRESETS, ContextAdapter
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.unet import UNET_PRESETS, UNet
 from ctxdiff.pipelines.text2image import Text2Image
+from ctxdiff.recipes import SampleConfig
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import Trainer
-from ctxdiff.recipes import SampleConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

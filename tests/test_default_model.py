@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from ctxdiff.data.png import to_uint8
-from ctxdiff.shapes.judge import judge
-from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.formats.t2i import DEFAULT_MODEL
+from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.recipes import SampleConfig
+from ctxdiff.shapes.judge import judge
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the bundled model is not installed")

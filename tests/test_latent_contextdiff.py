@@ -17,13 +17,14 @@ from ctxdiff.data.png import read_png_metadata
 from ctxdiff.diffusion import diffusion_loss, make_schedule, q_sample
 from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.formats.latent_adapter import LatentAdapterFile
+from ctxdiff.formats.latent_adapter import is_sd_model, save_latent_adapter
 from ctxdiff.models.adapter import AdapterConfig, build_adapter
+from ctxdiff.models.adapter import DecodedClipTokens
 from ctxdiff.models.encoders import ClipConfig, load_clip
 from ctxdiff.models.latent import LatentModels, LatentSDConfig, SchedulerInfo, load_sd, save_compvis
 from ctxdiff.models.latent.fingerprint import fingerprint
-from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentAdapterFile, LatentText2Image
-from ctxdiff.formats.latent_adapter import is_sd_model, save_latent_adapter
-from ctxdiff.models.adapter import DecodedClipTokens
+from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentText2Image
 from ctxdiff.pipelines.text2image import seeded_noise
 from ctxdiff.recipes import SampleConfig
 from ctxdiff.training import latent_adapter

@@ -10,19 +10,19 @@ import torch
 
 from ctxdiff.checkpoints import load_bundle
 from ctxdiff.cli import main
-from ctxdiff.shapes.world import moving_shape_video
 from ctxdiff.data.video import read_video, write_video
+from ctxdiff.formats.inversion import InversionParams
+from ctxdiff.formats.latent_adapter import save_latent_adapter
+from ctxdiff.formats.tuned import TUNED_KIND
 from ctxdiff.models.adapter import AdapterConfig, build_adapter
 from ctxdiff.models.inflate import VideoUNet
 from ctxdiff.models.latent import LatentUNet, save_compvis
 from ctxdiff.pipelines.attention_control import align_tokens
-from ctxdiff.formats.latent_adapter import save_latent_adapter
 from ctxdiff.pipelines.latent_video import LatentVideoModel
-from ctxdiff.formats.inversion import InversionParams
-from ctxdiff.formats.tuned import TUNED_KIND
-from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
 from ctxdiff.pipelines.video import load_video_model
+from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
 from ctxdiff.recipes import SampleConfig
+from ctxdiff.shapes.world import moving_shape_video
 from helpers import perturbed
 from tiny_sd import TINY_SD, tiny_sd_models
 

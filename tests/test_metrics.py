@@ -13,8 +13,8 @@ import scipy.linalg
 import torch
 from PIL import Image, PngImagePlugin
 
-import ctxdiff.cli.evaluate  # noqa: F401  (registers the command)
 from ctxdiff.cli import main
+import ctxdiff.cli.evaluate  # noqa: F401  (registers the command)
 from ctxdiff.data.images import prompts_for_images
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.metrics import fid

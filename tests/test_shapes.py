@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import ctxdiff.cli.shapes  # noqa: F401  (registers `ctxdiff shapes`)
 from ctxdiff.cli import main
+import ctxdiff.cli.shapes  # noqa: F401  (registers `ctxdiff shapes`)
+from ctxdiff.errors import CtxdiffError
 from ctxdiff.shapes.captions import BACKGROUND_COLOURS, MOTIONS, OBJECT_COLOURS, SHAPES, parse_caption
 from ctxdiff.shapes.datasets import ShapesDataset, ShapeTwinsDataset, colour_layout, write_samples
+from ctxdiff.shapes.judge import judge, judge_many, judge_video
 from ctxdiff.shapes.render import SHAPE_CENTROID_DROP, render_scene
 from ctxdiff.shapes.world import ShapesWorld, held_out_prompts, moving_shape_video, scene_from_caption
-from ctxdiff.errors import CtxdiffError
-from ctxdiff.shapes.judge import judge, judge_many, judge_video
 
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "centre": "left"}
 

@@ -11,22 +11,23 @@ from PIL import Image
 
 from ctxdiff.checkpoints import load_bundle
 from ctxdiff.cli import main
-from ctxdiff.shapes.world import moving_shape_video
 from ctxdiff.data.video import read_video, sidecar_path, write_video
-from ctxdiff.shapes.judge import judge
-from ctxdiff.models.adapter import ADAPTER_PRESETS
-from ctxdiff.models.encoders import ClipConfig, load_clip
-from ctxdiff.models.unet import UNET_PRESETS, UNet
 from ctxdiff.formats import tuned
-from ctxdiff.pipelines.text2image import Stage, build_adapter
-from ctxdiff.formats.t2i import save_t2i_bundle
 from ctxdiff.formats.inversion import InversionParams
-from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
 from ctxdiff.formats.inversion import load_inversion, save_inversion
 from ctxdiff.formats.model_ref import ModelRef
+from ctxdiff.formats.t2i import save_t2i_bundle
 from ctxdiff.formats.tuned import TUNED_KIND
+from ctxdiff.models.adapter import ADAPTER_PRESETS
+from ctxdiff.models.adapter import build_adapter
+from ctxdiff.models.encoders import ClipConfig, load_clip
+from ctxdiff.models.stage import Stage
+from ctxdiff.models.unet import UNET_PRESETS, UNet
+from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
 from ctxdiff.pipelines.video_model import VideoModel
 from ctxdiff.recipes import DiffusionConfig, SampleConfig
+from ctxdiff.shapes.judge import judge
+from ctxdiff.shapes.world import moving_shape_video
 from ctxdiff.training.recipe import read_recipe
 from ctxdiff.training.trainer import Trainer
 from ctxdiff.training.tune_video import TuneConfig, VideoTuner

@@ -4,7 +4,7 @@ and judged without any neural network. Shows whether an attribute comes with ste
 least-squares line against log2(step) through the second half of each run, how much it gains per
 doubling of the steps and at which step the line would reach `--target` (an extrapolation, no more).
 
-    python benchmarks/checkpoint_curve.py runs/shapes-bounded-base [runs/...] --n 100 --every 500 --out docs/x
+    python benchmarks/lab/checkpoint_curve.py runs/shapes-base [runs/...] --n 100 --every 500 --out docs/x
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from ctxdiff.checkpoints import numbered_checkpoints
-from ctxdiff.data.shapes import held_out_prompts
-from ctxdiff.metrics.shapes_judge import judge_many
 from ctxdiff.pipelines.batch_generate import sample_uint8
 from ctxdiff.pipelines.text2image import Text2Image
+from ctxdiff.shapes.judge import judge_many
+from ctxdiff.shapes.world import held_out_prompts
 
 
 def curve(run: Path, n: int, kind: str, every: int, batch: int, device: str) -> list[dict]:

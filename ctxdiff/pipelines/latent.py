@@ -36,12 +36,12 @@ import torch
 from ctxdiff.diffusion import classifier_free_guidance
 from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.formats.latent_adapter import LatentAdapterFile
 from ctxdiff.models.adapter import ContextAdapter
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.latent import LatentModels, as_x0_predictor, load_sd
 from ctxdiff.pipelines.text2image import run_sampler, seeded_noise
 from ctxdiff.recipes import SampleConfig
-from ctxdiff.formats.latent_adapter import LatentAdapterFile
 
 SD_DEFAULTS = SampleConfig(sampler="ddim", steps=50, guidance=7.5, spacing="trailing")
 

@@ -27,6 +27,9 @@ from ctxdiff.checkpoints import load_bundle, load_module_state
 from ctxdiff.data.png import to_uint8
 from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.formats.latent_adapter import LatentAdapterFile, check_adapter_fits
+from ctxdiff.formats.model_ref import ModelRef
+from ctxdiff.formats.tuned import TUNED_KIND, check_base, load_tuned_unet, tuned_on
 from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, image_branch
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
@@ -34,9 +37,6 @@ from ctxdiff.models.inflate import InflateConfig, VideoUNet
 from ctxdiff.models.latent import LatentModels, as_x0_predictor, load_sd
 from ctxdiff.models.temporal import fixed_init
 from ctxdiff.models.video_adapter import VideoAdapter, VideoAdapterConfig
-from ctxdiff.formats.latent_adapter import LatentAdapterFile, check_adapter_fits
-from ctxdiff.formats.model_ref import ModelRef
-from ctxdiff.formats.tuned import TUNED_KIND, check_base, load_tuned_unet, tuned_on
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser, frames_to_tensor
 from ctxdiff.recipes import DiffusionConfig, from_dict
 

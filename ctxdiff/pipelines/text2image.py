@@ -18,14 +18,14 @@ from ctxdiff.checkpoints import load_bundle, load_module_state, load_training_st
 from ctxdiff.diffusion import classifier_free_guidance, make_schedule, sample_ddim, sample_ddpm, timesteps_for
 from ctxdiff.diffusion.schedule import Schedule
 from ctxdiff.errors import CtxdiffError, UsageError
+from ctxdiff.formats.t2i import BUNDLE_KIND
 from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, build_adapter
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
+from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import noise_augment, upsample
 from ctxdiff.recipes import DiffusionConfig, SampleConfig, from_dict
-from ctxdiff.formats.t2i import BUNDLE_KIND
-from ctxdiff.models.stage import Stage
 
 
 

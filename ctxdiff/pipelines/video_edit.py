@@ -27,10 +27,10 @@ from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image
 from ctxdiff.data.video import FRAME_FOLDER_FPS, Video, read_video
 from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim, timesteps_for
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.formats.inversion import Inversion, InversionParams
+from ctxdiff.models.latent.text import EOT_ID
 from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
                                                  blend_mask)
-from ctxdiff.models.latent.text import EOT_ID
-from ctxdiff.formats.inversion import Inversion, InversionParams
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 
 CROSS_MODES = ("replace", "refine")

@@ -27,15 +27,15 @@ from ctxdiff.checkpoints import rotate_checkpoints, save_training_state, trainin
 from ctxdiff.data.datasets import open_dataset
 from ctxdiff.diffusion import diffusion_loss, sample_timesteps
 from ctxdiff.errors import UsageError
+from ctxdiff.formats.latent_adapter import check_adapter_fits, save_latent_adapter
+from ctxdiff.models.adapter import build_adapter
 from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.latent import load_sd
 from ctxdiff.pipelines.latent import SD_DEFAULTS, LatentText2Image
-from ctxdiff.formats.latent_adapter import check_adapter_fits, save_latent_adapter
 from ctxdiff.recipes import to_dict
 from ctxdiff.training.recipe import Recipe
 from ctxdiff.training.trainer import (EMA, TrainLoop, _autocast, batch_stream, check_run_folder, lr_scheduler,
                                       step_seed)
-from ctxdiff.models.adapter import build_adapter
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -33,11 +33,13 @@ from ctxdiff.data.datasets import ShardStream, batch_indices, collate, open_data
 from ctxdiff.data.png import grid, save_png, to_uint8
 from ctxdiff.diffusion import diffusion_loss, make_schedule, sample_timesteps
 from ctxdiff.errors import CtxdiffError, UsageError
+from ctxdiff.formats.t2i import save_t2i_bundle
+from ctxdiff.models.adapter import build_adapter
 from ctxdiff.models.encoders import load_clip
+from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNet, UNetConfig
 from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
-from ctxdiff.pipelines.text2image import Stage, Text2Image, build_adapter
-from ctxdiff.formats.t2i import save_t2i_bundle
+from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.recipes import SampleConfig, TrainConfig, dump_recipe, from_dict, to_dict
 from ctxdiff.training.recipe import Recipe
 

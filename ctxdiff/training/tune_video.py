@@ -27,8 +27,8 @@ from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_trai
 from ctxdiff.data.video import Video
 from ctxdiff.diffusion import diffusion_loss
 from ctxdiff.errors import CtxdiffError
-from ctxdiff.pipelines.video_model import VideoDenoiser
 from ctxdiff.formats.tuned import save_tuned
+from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 from ctxdiff.recipes import apply_overrides, from_dict, read_recipe_data, to_dict
 from ctxdiff.training.trainer import step_seed
 
