@@ -2,13 +2,17 @@
 
 Tiny random diffusers/transformers models are written in the layouts tools write: SD 1.x text
 with and without `text_model.`, SD 2.x OpenCLIP towers of 24 blocks (SD's own files) and of 23
-(diffusers' conversion script, from a diffusers folder); Lightning .ckpt pickles are in
-tests/test_safe_pickle.py. Where diffusers' single-file loader reads the file (offline, given the
-configs) our models are compared with its to 1e-5; otherwise with the models the file was written
-from.
+(diffusers' conversion script, from a diffusers folder), files with their own noise schedule
+(Lightning .ckpt pickles: tests/test_safe_pickle.py). Where diffusers' single-file loader reads
+the file (offline, given the configs) our models are compared with its to 1e-5; otherwise with the
+models the file was written from.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import warnings
 
 import pytest
 import safetensors.torch
@@ -21,13 +25,18 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
     create_diffusers_clip_model_from_ldm, load_single_file_checkpoint,
 )
 from tiny_sd import (  # noqa: E402
-    clip_text_model, diffusers_models, openclip_text_keys, sd1_text_keys, unet_vae_compvis, write_diffusers_folder,
+    clip_text_model, diffusers_models, ldm_schedule_buffers, openclip_text_keys, sd1_text_keys, unet_vae_compvis,
+    write_diffusers_folder,
 )
 
-from ctxdiff.models.latent import LatentTextConfig, LatentTextEncoder, load_sd, tokenize  # noqa: E402
+from ctxdiff.errors import CtxdiffError  # noqa: E402
+from ctxdiff.models.latent import (  # noqa: E402
+    LatentTextConfig, LatentTextEncoder, SchedulerInfo, as_x0_predictor, load_sd, save_compvis, tokenize,
+)
 from ctxdiff.models.latent.convert import (  # noqa: E402
     OPENCLIP_PREFIX, compvis_names, detect_text_config, normalize_text_keys, openclip_layer, openclip_module_map,
 )
+from ctxdiff.models.latent.loader import NonStandardScheduleWarning  # noqa: E402
 
 TOL = 1e-5
 PROMPTS = ["a red square above a blue circle", "an astronaut riding a horse, oil painting"]
@@ -197,3 +206,93 @@ def test_full_size_sd2_text_towers_run_23_blocks_however_stored(stored, names, p
     assert detected == config and detected.layer == layer
     assert stored - (detected.layer == "penultimate") == 23
     assert openclip_layer(24, False) == "penultimate" and openclip_layer(23, True) == "last"
+
+
+# --------------------------------------------------------------------------- the file's own schedule
+
+
+def _v1_file(v1, path, **buffers):
+    return _save(path, {**v1["unet_vae"], **sd1_text_keys(v1["text"]), **buffers})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_standard_schedule_buffers_give_exactly_the_standard_schedule_without_a_warning(v1, tmp_path, dtype):
+    path = _v1_file(v1, tmp_path / "sd.safetensors", **ldm_schedule_buffers(dtype=dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonStandardScheduleWarning)
+        ours = load_sd(path)
+    assert ours.scheduler == SchedulerInfo()
+
+
+def test_fine_tune_with_another_schedule_samples_with_its_own(v1, tmp_path):
+    """A CompVis file trained with linear_start 0.001, linear_end 0.02: its alphas_cumprod, as diffusers'
+    scheduler of those betas computes it, feeds the x0 predictor; a warning names it."""
+    buffers = ldm_schedule_buffers(0.001, 0.02)
+    path = _v1_file(v1, tmp_path / "fine-tune.safetensors", **buffers)
+    with pytest.warns(NonStandardScheduleWarning, match=r"not Stable Diffusion's standard one .*scaled_linear "
+                                                        r"0\.001\.\.0\.02, T = 1000"):
+        ours = load_sd(path)
+    abar = ours.scheduler.alphas_cumprod()
+    reference = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.02).alphas_cumprod
+    assert _err(abar[1:], reference) <= TOL and _err(abar[1:], buffers["alphas_cumprod"]) <= 1e-7
+    assert _err(abar, SchedulerInfo().alphas_cumprod()) > 1e-2  # the standard schedule would be far off
+    assert ours.scheduler.beta_schedule == "scaled_linear"
+    assert torch.equal(as_x0_predictor(ours.unet, abar, ours.prediction_type).abar, abar)
+
+
+def test_schedule_of_no_standard_family_is_used_exactly(v1, tmp_path):
+    steps = torch.arange(1001, dtype=torch.float64) / 1000
+    cosine = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = (1 - cosine[1:] / cosine[:-1]).clamp(max=0.999)  # Nichol & Dhariwal's cosine schedule
+    buffers = ldm_schedule_buffers(alphas_cumprod=torch.cumprod(1 - betas, 0))
+    with pytest.warns(NonStandardScheduleWarning, match="no standard family"):
+        ours = load_sd(_v1_file(v1, tmp_path / "cosine.safetensors", **buffers))
+    assert ours.scheduler.beta_schedule == "custom"
+    assert _err(ours.scheduler.alphas_cumprod()[1:], buffers["alphas_cumprod"]) <= 1e-12
+
+
+def _folder_with_scheduler(v1, tmp_path, config: dict):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("unet", "vae", "text_encoder", "model_index.json"):
+        (folder / name).symlink_to(v1["folder"] / name)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", **config}))
+    return folder
+
+
+_GAMMA = [float(b) for b in torch.linspace(1e-4, 0.03, 800) ** 1.5]
+_SCHEDULES = {
+    "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    "scaled_linear T=500": dict(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.015,
+                                num_train_timesteps=500),
+    "trained_betas": dict(trained_betas=_GAMMA, num_train_timesteps=len(_GAMMA)),
+    "zero terminal SNR": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCHEDULES))
+def test_diffusers_folder_schedule_is_the_one_diffusers_builds(name, v1, tmp_path):
+    folder = _folder_with_scheduler(v1, tmp_path, _SCHEDULES[name])
+    with pytest.warns(NonStandardScheduleWarning):
+        ours = load_sd(folder)
+    reference = diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod
+    abar = ours.scheduler.alphas_cumprod()
+    assert abar.shape == (len(reference) + 1,) and abar[0] == 1
+    assert _err(abar[1:], reference) <= TOL
+    assert _err(abar[1:len(reference) + 1], SchedulerInfo().alphas_cumprod()[1:len(reference) + 1]) > 1e-3
+
+
+def test_zero_snr_schedule_with_an_epsilon_unet_is_refused(v1, tmp_path):
+    config = {**_SCHEDULES["zero terminal SNR"], "prediction_type": "epsilon"}
+    with pytest.raises(CtxdiffError, match=r"zero SNR .*prediction_type='v_prediction'"):
+        load_sd(_folder_with_scheduler(v1, tmp_path, config))
+
+
+def test_own_schedule_round_trips_through_save_compvis(v1, tmp_path):
+    with pytest.warns(NonStandardScheduleWarning):
+        ours = load_sd(_folder_with_scheduler(v1, tmp_path, _SCHEDULES["trained_betas"]))
+        again = load_sd(save_compvis(tmp_path / "saved.safetensors", ours))
+    assert again.scheduler == ours.scheduler and again.scheduler.trained_betas is not None
+    assert torch.equal(again.scheduler.alphas_cumprod(), ours.scheduler.alphas_cumprod())

@@ -17,12 +17,18 @@ Prediction type, the rule (`prediction_type=` always wins, since keys cannot alw
   - a CompVis file: SD 1.x (768-wide context) predicts epsilon; SD 2.x (1024-wide OpenCLIP
     context) is taken to be a 768-v model, v_prediction. SD 2.x *base* (512 px) checkpoints
     predict epsilon and need prediction_type="epsilon".
+Noise schedule: the file's own where it has one (CompVis `alphas_cumprod` / `betas` buffers; a
+diffusers scheduler_config.json's beta_schedule, beta_start, beta_end, num_train_timesteps,
+trained_betas, rescale_betas_zero_snr), else SD's standard scaled_linear 0.00085..0.012, T = 1000;
+a schedule other than the standard one is used with a NonStandardScheduleWarning.
+
 SDXL and other families are refused with a one-line error, as are VAE-only files.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -32,8 +38,9 @@ import torch
 from ctxdiff.checkpoints import load_module_state, read_state_dict, save_bundle
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.latent.convert import (
-    UNET_PREFIX, VAE_PREFIX, compvis_text_config, detect_text_config, detect_unet_config, detect_vae_config,
-    ema_key, normalize_text_keys, text_from_compvis, to_compvis, unet_from_compvis, vae_from_compvis,
+    UNET_PREFIX, VAE_PREFIX, compvis_text_config, detect_text_config, detect_unet_config,
+    detect_vae_config, ema_key, normalize_text_keys, text_from_compvis, to_compvis, unet_from_compvis,
+    vae_from_compvis,
 )
 from ctxdiff.models.latent.text import LatentTextConfig, LatentTextEncoder, vocab_id
 from ctxdiff.models.latent.unet import LatentUNet, LatentUNetConfig
@@ -46,28 +53,110 @@ _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
 
 
+_FAMILIES = ("scaled_linear", "linear")
+
+
+class NonStandardScheduleWarning(UserWarning):
+    """A checkpoint's own noise schedule is not Stable Diffusion's standard one; it is the one used."""
+
+
 @dataclass(frozen=True)
 class SchedulerInfo:
-    """The noise schedule the model was trained with (SD 1.x/2.x: scaled_linear 0.00085..0.012, T = 1000)."""
+    """The noise schedule the model was trained with (SD 1.x/2.x: scaled_linear 0.00085..0.012, T = 1000).
+
+    Parametric (beta_schedule "scaled_linear" or "linear" from beta_start to beta_end), or, with
+    `trained_betas`, exactly those T betas: a file's own schedule, beta_schedule then naming the
+    family they follow ("custom": none). `from_betas` / `from_alphas_cumprod` build it from a file's
+    values, giving the standard schedule itself where they are it to their precision.
+    """
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    trained_betas: tuple[float, ...] | None = None  # beta_1..beta_T; when set, they are the schedule
 
     def __post_init__(self):
-        if self.beta_schedule not in ("scaled_linear", "linear"):
-            raise CtxdiffError(f"beta_schedule {self.beta_schedule!r} is not supported; SD uses 'scaled_linear' "
-                               "(or 'linear')")
+        if self.trained_betas is None:
+            if self.beta_schedule not in _FAMILIES:
+                raise CtxdiffError(f"beta_schedule {self.beta_schedule!r} is not supported; SD uses 'scaled_linear' "
+                                   "(or 'linear', or its own trained_betas)")
+            return
+        betas = tuple(float(b) for b in self.trained_betas)
+        object.__setattr__(self, "trained_betas", betas)  # a JSON list read back becomes the tuple again
+        if len(betas) != self.num_train_timesteps:
+            raise CtxdiffError(f"the schedule has {len(betas)} betas but num_train_timesteps "
+                               f"{self.num_train_timesteps}; they must agree")
+        if not (all(0 < b < 1 for b in betas[:-1]) and 0 < betas[-1] <= 1):
+            raise CtxdiffError("the schedule's betas must lie in (0, 1), the last in (0, 1] (abar decreasing from "
+                               "1, reaching 0 at T at most); this one is not a diffusion schedule")
+
+    def betas(self) -> torch.Tensor:
+        """beta_1..beta_T, float64 [T]."""
+        if self.trained_betas is not None:
+            return torch.tensor(self.trained_betas, dtype=torch.float64)
+        return _family_betas(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps)
 
     def alphas_cumprod(self) -> torch.Tensor:
         """abar in paper indexing, float64 [T + 1]: abar[0] = 1, abar[t] for diffusers timestep tau = t - 1."""
-        t = self.num_train_timesteps
-        if self.beta_schedule == "scaled_linear":
-            betas = torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, t, dtype=torch.float64) ** 2
-        else:
-            betas = torch.linspace(self.beta_start, self.beta_end, t, dtype=torch.float64)
-        return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, dim=0)])
+        return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - self.betas(), dim=0)])
+
+    @property
+    def is_standard(self) -> bool:
+        return self == SchedulerInfo()
+
+    def describe(self) -> str:
+        if self.trained_betas is None:
+            return f"{self.beta_schedule} {self.beta_start:g}..{self.beta_end:g}, T = {self.num_train_timesteps}"
+        family = "betas of no standard family" if self.beta_schedule == "custom" else (
+            f"{self.beta_schedule} {self.beta_start:.6g}..{self.beta_end:.6g}")
+        return f"its own {family}, T = {self.num_train_timesteps}, abar_T = {self.alphas_cumprod()[-1].item():.3g}"
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, precision: torch.dtype | None = None) -> "SchedulerInfo":
+        """The schedule of betas [T] stored at `precision` (default: their dtype): the standard one where
+        they are it to that precision, else exactly these, named after the family they follow."""
+        b = torch.as_tensor(betas).double().flatten()
+        rtol = 4 * torch.finfo(precision or torch.as_tensor(betas).dtype).eps
+        standard = cls()
+        if len(b) == standard.num_train_timesteps and _close(b, standard.betas(), rtol):
+            return standard
+        if len(b) == 0:
+            raise CtxdiffError("the schedule has no betas; this is not a diffusion schedule")
+        start, end = b[0].item(), b[-1].item()
+        family = next((f for f in _FAMILIES if min(start, end) > 0 and _close(b, _family_betas(f, start, end, len(b)),
+                                                                              rtol)), "custom")
+        return cls(len(b), family, start, end, tuple(b.tolist()))
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "SchedulerInfo":
+        """The schedule of abar_1..abar_T [T] (a CompVis `alphas_cumprod` buffer): the standard one where
+        they are it to their dtype's precision, else the betas that give exactly these."""
+        a = torch.as_tensor(alphas_cumprod).double().flatten()
+        standard = cls()
+        if len(a) == standard.num_train_timesteps and _close(
+                a, standard.alphas_cumprod()[1:], 4 * torch.finfo(alphas_cumprod.dtype).eps):
+            return standard
+        return cls.from_betas(1 - a / torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]]), torch.float64)
+
+
+def _family_betas(family: str, start: float, end: float, steps: int) -> torch.Tensor:
+    if family == "scaled_linear":
+        return torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.linspace(start, end, steps, dtype=torch.float64)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    return a.shape == b.shape and bool(((a - b).abs() <= rtol * b.abs()).all())
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose abar ends at exactly 0, sqrt(abar) shifted and scaled (Lin et al. 2024, Algorithm 1;
+    diffusers' rescale_betas_zero_snr), float64."""
+    root = torch.cumprod(1 - betas.double(), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    abar = ((root - last) * first / (first - last)) ** 2
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
 
 
 @dataclass(frozen=True)
@@ -107,8 +196,24 @@ def load_sd(path: str | Path, *, prediction_type: str | None = None, use_ema: bo
         raise CtxdiffError(f"prediction type {prediction_type!r} is not known; "
                            f"use one of {', '.join(PREDICTION_TYPES)}")
     if path.is_dir():
-        return _load_diffusers(path, prediction_type, device, dtype)
-    return _load_single_file(path, prediction_type, use_ema, device, dtype)
+        models = _load_diffusers(path, prediction_type, device, dtype)
+    else:
+        models = _load_single_file(path, prediction_type, use_ema, device, dtype)
+    _check_schedule(path, models)
+    return models
+
+
+def _check_schedule(path: Path, models: LatentModels) -> None:
+    """Warn of a schedule other than SD's standard one; refuse one an epsilon U-Net cannot sample."""
+    scheduler = models.scheduler
+    if scheduler.is_standard:
+        return
+    if models.prediction_type == "epsilon" and scheduler.alphas_cumprod()[-1] == 0:
+        raise CtxdiffError(f"{path}: its schedule ends at zero SNR (abar_T = 0), where an epsilon-predicting U-Net "
+                           "cannot give x0; zero-SNR models predict v: pass prediction_type='v_prediction'")
+    warnings.warn(NonStandardScheduleWarning(
+        f"{path}: its noise schedule is not Stable Diffusion's standard one ({SchedulerInfo().describe()}) but "
+        f"{scheduler.describe()}; sampling with the file's own"), stacklevel=3)
 
 
 def save_compvis(path: str | Path, models: LatentModels) -> Path:
@@ -147,7 +252,7 @@ def _load_single_file(path: Path, prediction_type, use_ema, device, dtype) -> La
             prediction_type = prediction_type or ("v_prediction" if v2 else "epsilon")
             unet_config = replace(unet_config, sample_size=96 if prediction_type == "v_prediction" else 64)
             config = LatentSDConfig(unet_config, vae_config, text_config)
-            scheduler = SchedulerInfo()
+            scheduler = compvis_schedule(state)
         used_ema = False
         if use_ema:
             state, used_ema = _prefer_ema(state)
@@ -161,6 +266,29 @@ def _load_single_file(path: Path, prediction_type, use_ema, device, dtype) -> La
         _build(LatentVAE, config.vae, vae_state, device, dtype, f"{path}: vae"),
         _build(LatentTextEncoder, config.text, text_state, device, dtype, f"{path}: text encoder"),
         config, prediction_type, scheduler, used_ema)
+
+
+def compvis_schedule(state: dict[str, torch.Tensor]) -> SchedulerInfo:
+    """A CompVis file's own schedule, from its `betas` or `alphas_cumprod` buffer (the one stored more
+    precisely; betas on a tie where the two agree, else alphas_cumprod, what CompVis' samplers read);
+    the standard one without either."""
+    buffers = {name: state[name] for name in ("betas", "alphas_cumprod")
+               if name in state and state[name].is_floating_point() and state[name].ndim == 1}
+    if not buffers:
+        return SchedulerInfo()
+    bits = {name: torch.finfo(value.dtype).bits for name, value in buffers.items()}
+    best = [name for name in buffers if bits[name] == max(bits.values())]
+    if len(best) == 2:
+        betas, abar = buffers["betas"], buffers["alphas_cumprod"]
+        agree = _close(torch.cumprod(1 - betas.double(), 0), abar.double(), 64 * torch.finfo(abar.dtype).eps)
+        best = ["betas"] if agree else ["alphas_cumprod"]
+    name = best[0]
+    try:
+        if name == "alphas_cumprod":
+            return SchedulerInfo.from_alphas_cumprod(buffers[name])
+        return SchedulerInfo.from_betas(buffers[name])
+    except CtxdiffError as e:
+        raise CtxdiffError(f"its `{name}` buffer: {e}") from e
 
 
 def _refuse_other_families(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -230,11 +358,10 @@ def _load_diffusers(folder: Path, prediction_type, device, dtype) -> LatentModel
         raise CtxdiffError(f"{folder}/{e}") from e
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_path, "the scheduler config") if sched_path.is_file() else {}
-    if sched.get("trained_betas") is not None or sched.get("rescale_betas_zero_snr"):
-        raise CtxdiffError(f"{sched_path}: trained_betas / rescale_betas_zero_snr are not supported; "
-                           "use a scaled_linear or linear schedule")
-    scheduler = SchedulerInfo(**{k: sched[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start",
-                                                        "beta_end") if k in sched})
+    try:
+        scheduler = diffusers_schedule(sched)
+    except CtxdiffError as e:
+        raise CtxdiffError(f"{sched_path}: {e}") from e
     text_weights = _read_weights(folder / "text_encoder", _HF_WEIGHTS)
     text_state = {k.removeprefix("text_model."): v for k, v in text_weights.items()}
     text_state.pop("embeddings.position_ids", None)
@@ -245,6 +372,23 @@ def _load_diffusers(folder: Path, prediction_type, device, dtype) -> LatentModel
                f"{folder}/vae"),
         _build(LatentTextEncoder, config.text, text_state, device, dtype, f"{folder}/text_encoder"),
         config, prediction_type or sched.get("prediction_type", "epsilon"), scheduler)
+
+
+def diffusers_schedule(config: dict) -> SchedulerInfo:
+    """The schedule of a diffusers scheduler_config.json: trained_betas (stored as float32 by diffusers)
+    or the parametric beta_schedule, then rescaled to zero terminal SNR if rescale_betas_zero_snr."""
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+        if "num_train_timesteps" in config and config["num_train_timesteps"] != len(betas):
+            raise CtxdiffError(f"{len(betas)} trained_betas but num_train_timesteps {config['num_train_timesteps']}; "
+                               "they must agree")
+        scheduler = SchedulerInfo.from_betas(betas, torch.float32)
+    else:
+        scheduler = SchedulerInfo(**{k: config[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start",
+                                                             "beta_end") if k in config})
+    if config.get("rescale_betas_zero_snr"):
+        scheduler = SchedulerInfo.from_betas(rescale_zero_terminal_snr(scheduler.betas()))
+    return scheduler
 
 
 def _read_json(path: Path, what: str) -> dict:
