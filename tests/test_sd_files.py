@@ -5,7 +5,7 @@ with and without `text_model.`, SD 2.x OpenCLIP towers of 24 blocks (SD's own fi
 (diffusers' conversion script, from a diffusers folder), files with their own noise schedule
 (Lightning .ckpt pickles: tests/test_safe_pickle.py). Where diffusers' single-file loader reads
 the file (offline, given the configs) our models are compared with its to 1e-5; otherwise with the
-models the file was written from.
+models the file was written from. Files of other architectures are named in one line.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
     create_diffusers_clip_model_from_ldm, load_single_file_checkpoint,
 )
 from tiny_sd import (  # noqa: E402
-    clip_text_model, diffusers_models, ldm_schedule_buffers, openclip_text_keys, sd1_text_keys, unet_vae_compvis,
-    write_diffusers_folder,
+    DIFFUSERS_VAE, clip_text_model, diffusers_models, flat_text_state, ldm_schedule_buffers, openclip_text_keys,
+    sd1_text_keys, unet_vae_compvis, write_diffusers_folder,
 )
 
 from ctxdiff.errors import CtxdiffError  # noqa: E402
@@ -34,7 +34,8 @@ from ctxdiff.models.latent import (  # noqa: E402
     LatentTextConfig, LatentTextEncoder, SchedulerInfo, as_x0_predictor, load_sd, save_compvis, tokenize,
 )
 from ctxdiff.models.latent.convert import (  # noqa: E402
-    OPENCLIP_PREFIX, compvis_names, detect_text_config, normalize_text_keys, openclip_layer, openclip_module_map,
+    OPENCLIP_PREFIX, UNET_PREFIX, compvis_names, detect_text_config, normalize_text_keys, openclip_layer,
+    openclip_module_map,
 )
 from ctxdiff.models.latent.loader import NonStandardScheduleWarning  # noqa: E402
 
@@ -296,3 +297,67 @@ def test_own_schedule_round_trips_through_save_compvis(v1, tmp_path):
         again = load_sd(save_compvis(tmp_path / "saved.safetensors", ours))
     assert again.scheduler == ours.scheduler and again.scheduler.trained_betas is not None
     assert torch.equal(again.scheduler.alphas_cumprod(), ours.scheduler.alphas_cumprod())
+
+
+# --------------------------------------------------------------------------- other files, named
+
+
+def _z(*shape):
+    return torch.zeros(*shape)
+
+
+def _other_files(v1) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    vae = diffusers.AutoencoderKL(**DIFFUSERS_VAE).state_dict()
+    compvis_vae = {k: v for k, v in v1["unet_vae"].items() if k.startswith("first_stage_model.")}
+    unet_only = {k: v for k, v in v1["unet_vae"].items() if k.startswith(UNET_PREFIX)}
+    return {
+        "SDXL": ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": _z(2),
+                  UNET_PREFIX + "input_blocks.0.0.weight": _z(2, 4, 3, 3)}, "not supported: detected SDXL"),
+        "SD3": ({UNET_PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias": _z(2),
+                 "first_stage_model.encoder.conv_in.weight": _z(2, 3, 3, 3),
+                 "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight": _z(77, 8)},
+                "not supported: detected Stable Diffusion 3"),
+        "Flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": _z(2)}, "not supported: detected Flux"),
+        "ControlNet": ({"control_model.input_hint_block.0.weight": _z(2, 3, 3, 3),
+                        "control_model.time_embed.0.weight": _z(2, 2)}, "not supported: detected a ControlNet"),
+        "LoRA (kohya)": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": _z(4, 8),
+                          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": _z(8, 4),
+                          "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": _z(())}, "this is a LoRA"),
+        "LoRA (diffusers)": ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": _z(4, 8),
+                              "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": _z(8, 4)}, "this is a LoRA"),
+        "VAE (diffusers)": (vae, "this is a VAE-only checkpoint"),
+        "VAE (CompVis)": (compvis_vae, "this is a VAE-only checkpoint"),
+        "text encoder (transformers)": (flat_text_state(v1["text"]), "this is a text encoder alone"),
+        "text encoder (SD 1.x keys)": (sd1_text_keys(v1["text"]), "this is a text encoder alone"),
+        "text encoder (open_clip)": (openclip_text_keys(v1["text"], whole_model=True), "this is a text encoder alone"),
+        "U-Net (diffusers)": (v1["unet"].state_dict(), "this is a U-Net alone"),
+        "U-Net without VAE and text": (unet_only, "this is a U-Net without its VAE and text encoder"),
+        "embedding": ({"emb_params": _z(2, 768)}, "this is a textual-inversion embedding"),
+    }
+
+
+def test_files_of_other_architectures_are_named_in_one_line(v1, tmp_path):
+    for name, (state, phrase) in _other_files(v1).items():
+        path = _save(tmp_path / "other.safetensors", state)
+        with pytest.raises(CtxdiffError) as info:
+            load_sd(path)
+        message = str(info.value)
+        assert phrase in message and "\n" not in message and message.startswith(str(path)), (name, message)
+
+
+def test_a_lora_given_to_generate_exits_1_with_one_line(v1, tmp_path, monkeypatch, capsys):
+    from ctxdiff.cli import main
+    state, phrase = _other_files(v1)["LoRA (kohya)"]
+    path = _save(tmp_path / "style.safetensors", state)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", str(path), "a cat"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and phrase in err
+
+
+def test_transformer_based_diffusers_folder_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    with pytest.raises(CtxdiffError, match="not supported: detected a transformer-based model "
+                                           r"\(StableDiffusion3Pipeline"):
+        load_sd(tmp_path)

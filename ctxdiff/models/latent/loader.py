@@ -22,7 +22,8 @@ diffusers scheduler_config.json's beta_schedule, beta_start, beta_end, num_train
 trained_betas, rescale_betas_zero_snr), else SD's standard scaled_linear 0.00085..0.012, T = 1000;
 a schedule other than the standard one is used with a NonStandardScheduleWarning.
 
-SDXL and other families are refused with a one-line error, as are VAE-only files.
+Other files are named in one line (CtxdiffError): other families (SDXL, SD 3, Flux, ControlNet)
+and parts of a model (a LoRA, a VAE, text encoder or U-Net alone, a textual-inversion embedding).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from ctxdiff.checkpoints import load_module_state, read_state_dict, save_bundle
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.models.latent.convert import (
-    UNET_PREFIX, VAE_PREFIX, compvis_text_config, detect_text_config, detect_unet_config,
+    TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, compvis_text_config, detect_text_config, detect_unet_config,
     detect_vae_config, ema_key, normalize_text_keys, text_from_compvis, to_compvis, unet_from_compvis,
     vae_from_compvis,
 )
@@ -236,7 +237,7 @@ def save_compvis(path: str | Path, models: LatentModels) -> Path:
 
 def _load_single_file(path: Path, prediction_type, use_ema, device, dtype) -> LatentModels:
     state = read_state_dict(path)
-    _refuse_other_families(path, state)
+    _refuse_other_files(path, state)
     state = normalize_text_keys(state)
     saved = _saved_configs(path)
     try:
@@ -291,17 +292,64 @@ def compvis_schedule(state: dict[str, torch.Tensor]) -> SchedulerInfo:
         raise CtxdiffError(f"its `{name}` buffer: {e}") from e
 
 
-def _refuse_other_families(path: Path, state: dict[str, torch.Tensor]) -> None:
+_LORA_MARKS = ("lora_down.", "lora_up.", ".lora_A.", ".lora_B.", "lora.down.", "lora.up.", "hada_w1_", "lokr_w1")
+_WHOLE = "pass a full Stable Diffusion 1.x/2.x checkpoint or a diffusers folder"
+_ONLY_SD = "ctxdiff loads Stable Diffusion 1.x and 2.x checkpoints"
+
+
+def _contains(keys: list[str], *marks: str) -> bool:
+    return any(mark in key for key in keys for mark in marks)
+
+
+def _starts(keys: list[str], *prefixes: str) -> bool:
+    return any(key.startswith(prefixes) for key in keys)
+
+
+def _other_family(state: dict[str, torch.Tensor]) -> str | None:
+    """The model family of a file that is not SD 1.x/2.x (a LoRA included), from its keys, or None."""
+    keys = list(state)
+    if _contains(keys, *_LORA_MARKS) or _starts(keys, "lora_unet_", "lora_te"):
+        return f"this is a LoRA (low-rank adapter weights), not a model; ctxdiff does not apply LoRAs: {_WHOLE}"
     contexts = {v.shape[1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")}
-    if any(k.startswith("conditioner.embedders.") for k in state) or (
+    if _starts(keys, "conditioner.embedders.") or (
             UNET_PREFIX + "label_emb.0.0.weight" in state and contexts & {1280, 2048}):
-        raise CtxdiffError(f"{path}: not supported: detected SDXL (conditioner.embedders.* / label_emb keys); "
-                           "ctxdiff loads Stable Diffusion 1.x and 2.x checkpoints")
-    if not any(k.startswith(UNET_PREFIX) for k in state):
-        if any(k.removeprefix(VAE_PREFIX) in ("encoder.conv_in.weight", "decoder.conv_in.weight") for k in state):
-            raise CtxdiffError(f"{path}: this is a VAE-only checkpoint; pass a full Stable Diffusion checkpoint")
-        raise CtxdiffError(f"{path}: no Stable Diffusion U-Net in it (no {UNET_PREFIX}* keys); "
-                           "pass a full SD 1.x/2.x checkpoint or a diffusers folder")
+        return f"not supported: detected SDXL (conditioner.embedders.* / label_emb keys); {_ONLY_SD}"
+    if _contains(keys, "joint_blocks."):
+        return f"not supported: detected Stable Diffusion 3 (an MMDiT: joint_blocks.* keys); {_ONLY_SD}"
+    if _contains(keys, "double_blocks."):
+        return f"not supported: detected Flux (double_blocks.* keys); {_ONLY_SD}"
+    if _starts(keys, "control_model.", "controlnet_") or _contains(keys, "controlnet_cond_embedding."):
+        return f"not supported: detected a ControlNet (control_model.* keys); {_ONLY_SD}"
+    return None
+
+
+def _model_part(keys: list[str]) -> str | None:
+    """What part of a model a file holds when it is not a whole SD checkpoint, from its keys, or None."""
+    if _starts(keys, UNET_PREFIX):
+        missing = [(what, prefix) for what, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+                   if not _starts(keys, prefix)]
+        if not missing:
+            return None
+        return (f"this is a U-Net without its {' and '.join(what for what, _ in missing)} "
+                f"(no {' / '.join(prefix + '*' for _, prefix in missing)} keys); {_WHOLE}")
+    vae = any(k.removeprefix(VAE_PREFIX) in ("encoder.conv_in.weight", "decoder.conv_in.weight") for k in keys)
+    text = _starts(keys, TEXT_PREFIX, "text_model.", "transformer.resblocks.", "encoder.layers.", "token_embedding.")
+    if vae and not text:
+        return "this is a VAE-only checkpoint; pass a full Stable Diffusion checkpoint"
+    if text and not vae:
+        return f"this is a text encoder alone (CLIP text weights, no U-Net); {_WHOLE}"
+    if _starts(keys, "conv_in.", "time_embedding.", "down_blocks.", "input_blocks.", "diffusion_model."):
+        return (f"this is a U-Net alone (no {UNET_PREFIX}* keys: a diffusers unet/ weights file or a bare "
+                f"CompVis U-Net); {_WHOLE}")
+    if _starts(keys, "emb_params", "string_to_param", "clip_l", "clip_g"):
+        return f"this is a textual-inversion embedding, not a model; {_WHOLE}"
+    return f"no Stable Diffusion U-Net in it (no {UNET_PREFIX}* keys); {_WHOLE}"
+
+
+def _refuse_other_files(path: Path, state: dict[str, torch.Tensor]) -> None:
+    what = _other_family(state) or _model_part(list(state))
+    if what is not None:
+        raise CtxdiffError(f"{path}: {what}")
 
 
 def _saved_configs(path: Path) -> dict | None:
@@ -344,6 +392,10 @@ def _build(cls, config, state: dict[str, torch.Tensor], device, dtype, what: str
 
 def _load_diffusers(folder: Path, prediction_type, device, dtype) -> LatentModels:
     index = _read_json(folder / "model_index.json", "a diffusers folder (with model_index.json)")
+    if "unet" not in index and "transformer" in index:
+        raise CtxdiffError(f"{folder}: not supported: detected a transformer-based model "
+                           f"({index.get('_class_name', 'a transformer/ folder')}, no unet/); "
+                           "ctxdiff loads Stable Diffusion 1.x and 2.x models")
     unet_json = _read_json(folder / "unet" / "config.json", "the unet/ config")
     if "text_encoder_2" in index or unet_json.get("addition_embed_type") == "text_time":
         raise CtxdiffError(f"{folder}: not supported: detected SDXL (text_encoder_2 / text_time embeddings); "
