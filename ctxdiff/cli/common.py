@@ -1,20 +1,24 @@
-"""Helpers shared by subcommands: device choice, interrupt handling, output folders."""
+"""Helpers shared by subcommands: device choice, interrupt handling, output folders (no torch at import)."""
 
 from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from ctxdiff.cli.app import options
 from ctxdiff.errors import UsageError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def pick_device() -> torch.device:
-    """--device auto|cpu|cuda|cuda:N; auto takes CUDA when present."""
+    """--device auto|cpu|cuda|cuda:N; auto takes CUDA when present. (torch is imported here, not at the
+    top: `--help`, `--version` and completion never load it.)"""
+    import torch
+
     name = options().device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

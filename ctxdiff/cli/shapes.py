@@ -8,7 +8,6 @@ import typer
 
 from ctxdiff.cli.app import app
 from ctxdiff.cli.output import emit_json, info, progress_bar
-from ctxdiff.shapes.datasets import prepare_folder, write_samples
 
 
 @app.command("shapes")
@@ -23,6 +22,8 @@ def shapes(
 ) -> None:
     """Write captioned samples of the shapes world: NNNNN.png + NNNNN.txt pairs, or with --videos
     frame folders NNNNN/ + NNNNN.txt (+ NNNNN.json: fps, caption, per-frame centres)."""
+    from ctxdiff.shapes.datasets import prepare_folder, write_samples
+
     kind = "videos" if videos else "images"
     prepare_folder(out_dir, force)            # refuse a full folder before the progress bar starts
     with progress_bar(f"writing {kind}", total=n) as bar:

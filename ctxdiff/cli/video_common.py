@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from ctxdiff.data.video import video_prompt
 from ctxdiff.errors import UsageError
+
 
 class Spacing(str, Enum):
     leading = "leading"
@@ -44,6 +44,8 @@ def clip_settings(tuned_on: dict | None, frames: int | None, stride: int | None,
 def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag: str = "--prompt") -> str:
     """The source prompt: as given, else the first fallback (a tuned file's, an inversion's), else the
     'prompt' of the video's sidecar JSON; a usage error when there is none."""
+    from ctxdiff.data.video import video_prompt
+
     for prompt in (given, *fallbacks):
         if prompt:
             return prompt
