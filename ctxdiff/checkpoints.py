@@ -191,8 +191,9 @@ def load_module_state(
 ) -> tuple[list[str], list[str]]:
     """Load `state` into `module`, casting to the module's dtypes; returns (missing, unexpected).
 
-    Shape mismatches always fail; missing and unexpected names fail when `strict`. The error
-    names the first few of each, with counts. `name` says what is loaded (e.g. "bundle.safetensors: unet").
+    Shape mismatches always fail; missing and unexpected names fail when `strict`; so does a
+    weight that is not finite (NaN or inf: every sample would be too). The error names the first
+    few of each, with counts. `name` says what is loaded (e.g. "bundle.safetensors: unet").
     """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -214,6 +215,11 @@ def load_module_state(
             f"{name}: weights do not fit the model ({'; '.join(problems)}); "
             "the file was written for another architecture or config"
         )
+    broken = sorted(key for key, value in state.items()
+                    if key in own and value.is_floating_point() and not torch.isfinite(value).all())
+    if broken:
+        raise CtxdiffError(f"{name}: {len(broken)} weight tensors hold NaN or inf ({_name_list(broken)}); the file "
+                           "is damaged or came from a run that diverged: use an earlier checkpoint or train again")
     cast = {
         key: value.to(own[key].dtype) if value.is_floating_point() and own[key].is_floating_point() else value
         for key, value in state.items()

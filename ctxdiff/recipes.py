@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -34,8 +35,44 @@ T = TypeVar("T")
 BASE_KEY = "base"
 
 
+MAX_RECIPE_NODES = 100_000   # values a recipe may hold once its YAML aliases are expanded
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`), refuses a key given
+    twice in one mapping (the second would silently win), and refuses a document whose aliases
+    expand to more than MAX_RECIPE_NODES values (a "billion laughs" file)."""
+
+    def construct_document(self, node):
+        size = _expanded_size(node, {})
+        if size > MAX_RECIPE_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the recipe expands to more than {MAX_RECIPE_NODES} values through its aliases "
+                "(&name / *name); write the values out", node.start_mark)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_short(key)} (first on line {seen[key].line + 1}); keep one",
+                    key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with every alias expanded (aliases share node objects: memoised)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1   # a node being sized (a recursive alias) counts once
+        if isinstance(node, yaml.SequenceNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    return sizes[id(node)]
 
 
 _RecipeLoader.add_implicit_resolver(
@@ -56,8 +93,13 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 50, 50
+
+
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    """A value for an error message, at most `limit` characters, never built whole (`reprlib`)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

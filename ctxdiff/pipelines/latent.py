@@ -40,7 +40,7 @@ from ctxdiff.formats.latent_adapter import LatentAdapterFile
 from ctxdiff.models.adapter import ContextAdapter
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.latent import LatentModels, as_x0_predictor, load_sd
-from ctxdiff.pipelines.text2image import run_sampler, seeded_noise
+from ctxdiff.pipelines.text2image import finite_images, run_sampler, seeded_noise
 from ctxdiff.recipes import SampleConfig
 
 SD_DEFAULTS = SampleConfig(sampler="ddim", steps=50, guidance=7.5, spacing="trailing")
@@ -125,7 +125,7 @@ class LatentText2Image:
 
     def sample(self, prompts: list[str], seeds: list[int], params: SampleConfig, progress=None) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W] (`ctxdiff.data.png.to_uint8` makes uint8 of them)."""
-        return self.decode(self.sample_latents(prompts, seeds, params, progress))
+        return finite_images(self.decode(self.sample_latents(prompts, seeds, params, progress)), params)
 
     def total_steps(self, params: SampleConfig) -> int:
         """Denoiser evaluations per batch (for progress bars)."""

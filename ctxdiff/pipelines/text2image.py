@@ -14,18 +14,18 @@ from typing import Callable
 
 import torch
 
-from ctxdiff.checkpoints import load_bundle, load_module_state, load_training_state
+from ctxdiff.checkpoints import load_module_state, load_training_state
 from ctxdiff.diffusion import classifier_free_guidance, make_schedule, sample_ddim, sample_ddpm, timesteps_for
 from ctxdiff.diffusion.schedule import Schedule
 from ctxdiff.errors import CtxdiffError, UsageError
-from ctxdiff.formats.t2i import BUNDLE_KIND
-from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, build_adapter
+from ctxdiff.formats.t2i import T2IFile
+from ctxdiff.models.adapter import ContextAdapter, build_adapter
 from ctxdiff.models.conditioning import TextCondition
-from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
+from ctxdiff.models.encoders import ClipEncoders, load_clip
 from ctxdiff.models.stage import Stage
-from ctxdiff.models.unet import UNet, UNetConfig
+from ctxdiff.models.unet import UNet
 from ctxdiff.pipelines.lowres import noise_augment, upsample
-from ctxdiff.recipes import DiffusionConfig, SampleConfig, from_dict
+from ctxdiff.recipes import DiffusionConfig, SampleConfig
 
 
 
@@ -48,33 +48,23 @@ class Text2Image:
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu") -> "Text2Image":
-        path = Path(path)
-        bundle = load_bundle(path, kind=BUNDLE_KIND)
-        configs = bundle.configs
-        clip_config = from_dict(ClipConfig, configs["clip"], "clip")
-        clip = load_clip(replace(clip_config, weights=None), device)
-        load_module_state(clip.clip, bundle.tensors["clip"], f"{path} clip")
+        file = T2IFile.read(path)
+        clip = load_clip(replace(file.clip, weights=None), device)
+        load_module_state(clip.clip, file.tensors["clip"], f"{file.path} clip")
 
         def stage(prefix: str) -> Stage | None:
-            if f"{prefix}unet" not in bundle.tensors:
+            if prefix not in file.stages:
                 return None
-            unet = UNet(from_dict(UNetConfig, configs[f"{prefix}unet"], f"{prefix}unet"))
-            load_module_state(unet, bundle.tensors[f"{prefix}unet"], f"{path} {prefix}unet")
+            unet_config, adapter_config = file.stages[prefix]
+            unet = UNet(unet_config)
+            load_module_state(unet, file.tensors[f"{prefix}unet"], f"{file.path} {prefix}unet")
             adapter = None
-            if configs.get(f"{prefix}adapter") is not None:
-                adapter = build_adapter(from_dict(AdapterConfig, configs[f"{prefix}adapter"], f"{prefix}adapter"), clip)
-                load_module_state(adapter, bundle.tensors[f"{prefix}adapter"], f"{path} {prefix}adapter")
+            if adapter_config is not None:
+                adapter = build_adapter(adapter_config, clip)
+                load_module_state(adapter, file.tensors[f"{prefix}adapter"], f"{file.path} {prefix}adapter")
             return Stage(unet.to(device).eval(), adapter.to(device).eval() if adapter else None)
 
-        base = stage("")
-        if base is None:
-            raise CtxdiffError(f"{path}: this t2i bundle has no base U-Net ('unet' tensors); "
-                               "pass a bundle written by `ctxdiff train` for the base stage")
-        defaults = from_dict(SampleConfig, configs.get("sample", {}), "sample")
-        if defaults.lowres_noise_level is None:   # the level the SR stage was trained with
-            defaults = replace(defaults, lowres_noise_level=float(configs.get("lowres_noise_level", 0.2)))
-        return cls(clip, base, stage("sr_"), from_dict(DiffusionConfig, configs["diffusion"], "diffusion"),
-                   defaults, str(path))
+        return cls(clip, stage(""), stage("sr_"), file.diffusion, file.sample, str(file.path))
 
     def load_base_checkpoint(self, path: str | Path) -> None:
         """Put the EMA weights of a training checkpoint (`runs/.../checkpoints/step-*.pt`) of this
@@ -112,7 +102,7 @@ class Text2Image:
             x_T = seeded_noise([channels, size, size], generators, self.device)
             images = self._run_stage(self.sr, x_T, cond, uncond, params, params.sr_steps, generators, progress,
                                      lowres=lowres, lowres_t=level)
-        return images
+        return finite_images(images, params)
 
     def _run_stage(self, stage: Stage, x_T, cond, uncond, params: SampleConfig, steps: int, generators,
                    progress, lowres=None, lowres_t=None) -> torch.Tensor:
@@ -140,6 +130,14 @@ def run_sampler(params: SampleConfig, x0_fn: Callable, x_T: torch.Tensor, sched:
         return sample_ddpm(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond,
                            generator=generators, progress=progress)
     raise UsageError(f"unknown sampler {params.sampler!r}; choose ddim or ddpm")
+
+
+def finite_images(images: torch.Tensor, params: SampleConfig) -> torch.Tensor:
+    """`images`, or a CtxdiffError when sampling gave NaN or inf (never a black PNG)."""
+    if not torch.isfinite(images).all():
+        raise CtxdiffError(f"sampling gave NaN or inf values (guidance {params.guidance}, {params.steps} steps of "
+                           f"{params.sampler}); lower --guidance, or check the model with a known prompt")
+    return images
 
 
 def seeded_noise(shape: list[int], generators: list[torch.Generator], device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """A deterministic judge for the shapes world: does an image show what its caption states?
 
-No network. The caption is parsed (`ctxdiff.data.shapes.parse_caption`); the background is the
+No network. The caption is parsed (`ctxdiff.shapes.captions.parse_caption`); the background is the
 palette colour nearest the median border pixel; every pixel confidently nearest one object colour
 belongs to that colour, and connected pixels of one colour (a pixel's gap allowed) are a region.
 A region's soft coverage (each pixel's position between the background and the region's colour,
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ctxdiff.data.shapes import (OBJECT_COLOURS, PALETTE, SHAPE_CENTROID_DROP, SHAPE_FILL, SHAPES, SIZES, SceneSpec,
-                                 parse_caption, shape_coverage)
+from ctxdiff.shapes.captions import OBJECT_COLOURS, PALETTE, SHAPES, SIZES, SceneSpec, parse_caption
+from ctxdiff.shapes.render import SHAPE_CENTROID_DROP, SHAPE_FILL, shape_coverage
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "background", "count", "motion")
 REPORT_COLUMNS = ("group", "attribute", "correct", "stated", "accuracy")

@@ -69,6 +69,17 @@ class Recipe:
     latent: LatentConfig | None = None  # set: train an adapter over this SD backbone (<output>/adapter.safetensors)
 
     def __post_init__(self) -> None:
+        T = self.diffusion.timesteps
+        if self.latent is None and self.train.stage != "clip":
+            for key, steps in (("model.unet.timesteps", self.model.unet.timesteps),
+                               ("model.adapter.timesteps", self.model.adapter and self.model.adapter.timesteps)):
+                if steps not in (None, T):
+                    raise ValueError(f"{key} is {steps} but diffusion.timesteps is {T}; a network embeds the "
+                                     "steps of the process it is trained on: make them agree")
+        for key in ("steps", "sr_steps"):
+            if getattr(self.sample, key) > T:
+                raise ValueError(f"sample.{key} is {getattr(self.sample, key)}, more than diffusion.timesteps {T}; "
+                                 f"the model could not be sampled with it: set sample.{key} <= {T}")
         if self.data.hard_negatives and (self.train.stage != "clip" or self.latent is not None):
             raise ValueError("data.hard_negatives is for contrastive CLIP training (train.stage: clip) only")
         if self.train.layout_loss and (self.train.stage != "clip" or self.data.source != "shapes"

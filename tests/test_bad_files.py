@@ -1,0 +1,111 @@
+"""Bad files a user may hand ctxdiff (issue 18): recipes that repeat a key or expand without bound,
+recipes that could never be sampled, model files whose metadata or weights are damaged. Each is one
+clear line and a non-zero exit, never a traceback nor silent nonsense."""
+
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+
+from ctxdiff.checkpoints import load_module_state, save_bundle
+from ctxdiff.cli import main
+from ctxdiff.errors import CtxdiffError, UsageError
+from ctxdiff.formats.t2i import DEFAULT_MODEL, T2IFile
+from ctxdiff.recipes import MAX_RECIPE_NODES
+from ctxdiff.training.recipe import read_recipe
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_key_given_twice_is_refused_instead_of_the_second_winning(tiny_recipe):
+    path = tiny_recipe(extra="train:\n  batch_size: 64\n")   # a second top-level `train:`
+    with pytest.raises(UsageError, match=r"duplicate key 'train' \(first on line \d+\); keep one"):
+        read_recipe(path)
+
+
+def test_nested_aliases_are_refused_before_they_expand(tmp_path, capsys):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefg", "bcdefgh")]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\ntrain: {steps: *h}\n")   # 9^8 = 43M values once expanded
+    assert 9 ** 8 > MAX_RECIPE_NODES
+    assert main(["train", "--recipe", str(path)]) == 2
+    err = one_line_error(capsys)
+    assert "aliases" in err and len(err) < 400
+
+
+def test_ordinary_aliases_still_read(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("preview_prompts: &p [a red circle]\nsample: {steps: 10}\n")
+    assert read_recipe(path).preview_prompts == ("a red circle",)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sample.steps=1000", r"sample\.steps is 1000, more than diffusion\.timesteps 100"),
+    ("diffusion.timesteps=200", r"model\.unet\.timesteps is 100 but diffusion\.timesteps is 200"),
+])
+def test_a_recipe_that_could_not_be_sampled_is_refused_before_training(tiny_recipe, override, message):
+    with pytest.raises(UsageError, match=message):
+        read_recipe(tiny_recipe(), [override])
+
+
+def _bundle_with(path, configs, tensors=None):
+    tensors = tensors or {"clip": {"w": torch.zeros(2)}}
+    return save_bundle(path, tensors, configs, kind="t2i")
+
+
+@pytest.mark.parametrize("configs,tensors,what", [
+    ({}, None, "it has no clip config, unet config, diffusion config, unet tensors"),
+    ([1, 2], None, "its configs are a list, not a mapping"),
+    ({"clip": {}, "unet": {}, "diffusion": {}}, {"other": {"w": torch.zeros(2)}}, "it has no clip tensors, unet tensors"),
+    ({"clip": {"arch": 7}, "unet": {}, "diffusion": {}}, {"clip": {"w": torch.zeros(1)}, "unet": {"w": torch.zeros(1)}},
+     "its configs do not read"),
+])
+def test_a_t2i_bundle_with_damaged_metadata_names_the_file(tmp_path, capsys, configs, tensors, what):
+    path = _bundle_with(tmp_path / "bad.safetensors", configs, tensors)
+    with pytest.raises(CtxdiffError, match="not a usable t2i bundle") as info:
+        T2IFile.read(path)
+    assert what in str(info.value) and str(path) in str(info.value)
+    assert main(["generate", "a red circle", "-m", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert "not a usable t2i bundle" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_weights_that_are_not_finite_are_refused_at_load():
+    module = torch.nn.Linear(2, 2)
+    state = {"weight": torch.tensor([[1.0, math.nan], [0.0, 1.0]]), "bias": torch.zeros(2)}
+    with pytest.raises(CtxdiffError, match=r"m: 1 weight tensors hold NaN or inf \(weight\)"):
+        load_module_state(module, state, "m")
+    load_module_state(module, {"weight": torch.eye(2), "bias": torch.zeros(2)}, "m")   # finite: loads
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the bundled model is not installed")
+def test_a_bundle_whose_weights_turned_nan_is_refused_not_drawn_black(tmp_path, capsys):
+    tensors = safetensors.torch.load_file(str(DEFAULT_MODEL))
+    with safetensors.safe_open(str(DEFAULT_MODEL), framework="pt") as f:
+        metadata = f.metadata()
+    key = next(k for k in tensors if k.startswith("unet.") and tensors[k].is_floating_point())
+    tensors[key] = torch.full_like(tensors[key], math.nan)
+    broken = tmp_path / "nan.safetensors"
+    safetensors.torch.save_file(tensors, str(broken), metadata=metadata)
+    assert json.loads(metadata["configs"])["unet"]
+    assert main(["generate", "a red circle", "-m", str(broken), "--out", str(tmp_path / "out")]) == 1
+    assert "NaN or inf" in one_line_error(capsys)
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the bundled model is not installed")
+def test_a_sample_that_is_not_finite_is_an_error_not_a_black_png():
+    from dataclasses import replace
+
+    from ctxdiff.pipelines.text2image import Text2Image
+
+    pipe = Text2Image.from_bundle(DEFAULT_MODEL)
+    params = replace(pipe.defaults, steps=2, sr_steps=2, guidance=math.inf)
+    with pytest.raises(CtxdiffError, match=r"sampling gave NaN or inf values \(guidance inf"):
+        pipe.sample(["a red circle"], [0], params)
