@@ -8,23 +8,23 @@ _ctxdiff() {
   case "$cmd" in
     "") opts="--device --json --quiet -q --debug --version --help -h edit evaluate generate invert shapes train tune-video"
       ;;
-    "edit") opts="--tgt -t --src -s --model -m --tuned --adapter --inversion --out -o --side-by-side --steps --guidance -g --self-replace --cross-replace --cross-mode --blend-threshold --no-fusion --no-adapter --frames --stride --start --spacing --refine --attention-on-cpu --force --help -h"
+    "edit") opts="--tgt -t --src -s --model -m --tuned --adapter --inversion --out -o --side-by-side --steps --guidance -g --self-replace --cross-replace --cross-mode --blend-threshold --no-fusion --no-adapter --frames --stride --start --spacing --refine --attention-on-cpu --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --cross-mode) choices="replace refine";; esac
       case "$prev" in --spacing) choices="leading trailing linspace";; esac
       ;;
-    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --help -h"
+    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --device --json --quiet -q --debug --help -h"
       ;;
-    "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --eta --guidance -g --no-adapter --out -o --grid --batch-size --force --help -h"
+    "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --eta --guidance -g --no-adapter --out -o --grid --batch-size --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --sampler) choices="ddim ddpm";; esac
       ;;
-    "invert") opts="--prompt -p --model -m --tuned --adapter --out -o --steps --frames --stride --start --spacing --refine --attention --attention-on-cpu --no-adapter --no-check --force --help -h"
+    "invert") opts="--prompt -p --model -m --tuned --adapter --out -o --steps --frames --stride --start --spacing --refine --attention --attention-on-cpu --no-adapter --no-check --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --spacing) choices="leading trailing linspace";; esac
       ;;
-    "shapes") opts="--n --seed --size --videos --frames --force --help -h"
+    "shapes") opts="--n --seed --size --videos --frames --force --device --json --quiet -q --debug --help -h"
       ;;
-    "train") opts="--recipe -r --set --resume --print-recipe --help -h"
+    "train") opts="--recipe -r --set --resume --print-recipe --device --json --quiet -q --debug --help -h"
       ;;
-    "tune-video") opts="--prompt -p --model -m --adapter --out -o --recipe -r --set --steps --frames --stride --start --lr --seed --no-adapter --resume --help -h"
+    "tune-video") opts="--prompt -p --model -m --adapter --out -o --recipe -r --set --steps --frames --stride --start --lr --seed --no-adapter --resume --device --json --quiet -q --debug --help -h"
       ;;
   esac
   if [[ -n "$choices" ]]; then COMPREPLY=($(compgen -W "$choices" -- "$cur")); return; fi

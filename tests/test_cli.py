@@ -1,5 +1,6 @@
 """CLI conventions: help, version, one-line errors with the right exit codes, fresh completions."""
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,40 @@ def test_committed_completion_scripts_are_fresh(shell):
 def test_bash_completion_script_parses():
     result = subprocess.run(["bash", "-n", str(ROOT / "completions" / SHELLS["bash"])], capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+def _generate_json_line(capsys, argv: list[str]) -> str:
+    assert main(argv) == 0, capsys.readouterr().err
+    (line,) = capsys.readouterr().out.splitlines()
+    return line
+
+
+def test_global_options_after_the_subcommand_give_the_same_json_line(tmp_path, capsys):
+    same = ["a red circle", "--steps", "2", "--sr-steps", "2", "--seed", "5", "--out", str(tmp_path), "--force"]
+    before = _generate_json_line(capsys, ["--json", "--quiet", "--device", "cpu", "generate", *same])
+    after = _generate_json_line(capsys, ["generate", *same, "--json", "-q", "--device", "cpu"])
+    assert after == before and json.loads(after)["prompt"] == "a red circle"
+
+
+def test_a_global_flag_after_double_dash_is_a_prompt(tmp_path, capsys):
+    line = _generate_json_line(capsys, ["--json", "-q", "generate", "--steps", "2", "--sr-steps", "2", "--seed", "5",
+                                        "--out", str(tmp_path), "--", "--json"])
+    assert json.loads(line)["prompt"] == "--json"
+
+
+def test_every_subcommand_accepts_the_global_options():
+    import typer.main
+
+    from ctxdiff.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        names = {n for param in command.params for n in getattr(param, "opts", [])}
+        assert {"--json", "--device", "--quiet", "-q", "--debug"} <= names, name
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path):
+    from ctxdiff.errors import CtxdiffError
+
+    with pytest.raises(CtxdiffError, match="absent.yaml"):
+        main(["train", "--recipe", str(tmp_path / "absent.yaml"), "--debug"])
