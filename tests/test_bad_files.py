@@ -109,3 +109,30 @@ def test_a_sample_that_is_not_finite_is_an_error_not_a_black_png():
     params = replace(pipe.defaults, steps=2, sr_steps=2, guidance=math.inf)
     with pytest.raises(CtxdiffError, match=r"sampling gave NaN or inf values \(guidance inf"):
         pipe.sample(["a red circle"], [0], params)
+
+
+def test_training_never_starts_over_a_users_files_and_force_replaces_a_runs(tiny_recipe, tmp_path, capsys):
+    """A folder holding a user's recipe.yaml, model.safetensors and metrics.jsonl but no checkpoints:
+    `train` refuses it (exit 2) and leaves every byte; check_run_folder(force=True), as `--force`
+    calls it, removes what a run writes there, so the new run replaces its log instead of appending."""
+    from pathlib import Path
+
+    from ctxdiff.training.trainer import check_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"recipe.yaml": b"my recipe", "model.safetensors": b"my model", "metrics.jsonl": b"my log\n",
+            "notes.txt": b"keep"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    assert main(["train", "--recipe", tiny_recipe()]) == 2
+    assert "holds files this run did not write" in one_line_error(capsys)
+    assert all((out / name).read_bytes() == data for name, data in mine.items())
+    check_run_folder(out, out / "checkpoints", resume=False, force=True)
+    assert sorted(p.name for p in Path(out).iterdir()) == ["notes.txt"]
+
+
+def test_an_output_folder_that_is_a_file_is_a_usage_error(tiny_recipe, tmp_path, capsys):
+    (tmp_path / "run").write_text("a file")
+    assert main(["train", "--recipe", tiny_recipe()]) == 2
+    assert "is not a folder" in one_line_error(capsys) and (tmp_path / "run").read_text() == "a file"

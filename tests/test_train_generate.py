@@ -134,7 +134,7 @@ def test_clip_stage_trains_on_twins_scores_them_and_refuses_to_start_over(tmp_pa
     assert {k.split("/")[1] for k in scores if k.startswith("twin_image/")} == \
         {"colour", "shape", "size", "position", "relation", "background", "binding"}
     written = (tmp_path / "clip" / "clip.safetensors").read_bytes()
-    assert main(["train", "--recipe", str(recipe)]) == 1            # a second start would overwrite the run
+    assert main(["train", "--recipe", str(recipe)]) == 2            # a second start would overwrite the run
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "clip" / "clip.safetensors").read_bytes() == written
 

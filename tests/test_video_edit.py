@@ -200,7 +200,7 @@ def test_tune_video_cli_refuses_an_existing_run_and_resumes_it(tiny, tmp_path, c
     args = ["tune-video", str(video), "--model", str(tiny["a"]), "--frames", "4", "--out", str(tmp_path / "run")]
     assert main([*args, "--steps", "2"]) == 0
     capsys.readouterr()
-    assert main([*args, "--steps", "3"]) == 1
+    assert main([*args, "--steps", "3"]) == 2
     assert "--resume" in one_line_error(capsys)
     assert main(["--json", *args, "--steps", "3", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -150,14 +151,34 @@ def batch_stream(dataset, seed: int, start_step: int, batch_size: int, num_worke
                            persistent_workers=False))
 
 
-def check_run_folder(out: Path, ckpt_dir: Path, resume: bool) -> None:
-    """A new run needs a folder without checkpoints; --resume needs one with them."""
-    existing = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-    if resume and existing is None:
-        raise CtxdiffError(f"{ckpt_dir}: no checkpoint to resume from; run without --resume to start")
-    if not resume and existing is not None:
-        raise CtxdiffError(f"{out} already holds a run (checkpoint {existing.name}); pass --resume to "
-                           f"continue it, or choose another folder with --set output=...")
+RUN_OUTPUTS = ("checkpoints", "samples", "metrics.jsonl", "recipe.yaml", "model.safetensors", "clip.safetensors",
+               "adapter.safetensors", "clip-eval.json", "tuned.safetensors")   # what a run writes in its folder
+
+
+def check_run_folder(out: Path, ckpt_dir: Path, resume: bool, force: bool = False) -> None:
+    """A new run starts in a new or empty folder, never over files it did not write (`force`:
+    remove what a run writes there first, RUN_OUTPUTS: replace, never append); --resume needs
+    the folder of a run, with checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder; choose another output folder")
+    existing = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    if resume:
+        if existing is None:
+            raise CtxdiffError(f"{ckpt_dir}: no checkpoint to resume from; run without --resume to start")
+        return
+    if force and out.is_dir():
+        for name in RUN_OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return
+    if existing is not None:
+        raise UsageError(f"{out} already holds a run (checkpoint {existing.name}); pass --resume to continue it, "
+                         "--force to start it over, or choose another output folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise UsageError(f"{out}: the folder holds files this run did not write ({shown}); choose an empty or new "
+                         "output folder, or pass --force to replace a run's files there")
 
 
 def _init_from_bundle(path: str, prefix: str, unet: UNet, adapter: nn.Module | None) -> None:

@@ -31,6 +31,7 @@ from ctxdiff.formats.tuned import save_tuned
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 from ctxdiff.recipes import apply_overrides, from_dict, read_recipe_data, to_dict
 from ctxdiff.training.trainer import step_seed
+from ctxdiff.training.trainer import check_run_folder
 
 TUNED_FILE = "tuned.safetensors"
 # Settings that may change when a run is resumed (the others must match the checkpoint's).
@@ -134,12 +135,7 @@ class VideoTuner:
     # ----------------------------------------------------------------- files
 
     def _check_output(self, resume: bool) -> None:
-        existing = latest_checkpoint(self.ckpt_dir)
-        if resume and existing is None:
-            raise CtxdiffError(f"{self.ckpt_dir}: no checkpoint to resume from; run without --resume to start")
-        if not resume and existing is not None:
-            raise CtxdiffError(f"{self.out} already holds a tuning run (checkpoint {existing.name}); pass --resume "
-                               "to continue it, or choose another --out")
+        check_run_folder(self.out, self.ckpt_dir, resume)
 
     def _identity(self) -> dict:
         """What a checkpoint must share with this run to be resumed by it."""
