@@ -77,9 +77,9 @@ def summary(record: dict) -> MetricResult:
 def _feature_stats(req: EvalRequest):
     """(extractor, real stats, fake stats or None) for FID/KID; --save-stats writes the real stats."""
     from ctxdiff.data.images import list_images
-    from ctxdiff.metrics.fid import dataset_stats, feature_extractor, save_stats
+    from ctxdiff.metrics.fid import dataset_stats
 
-    real = req.need("real", "--real DIR|STATS.npz")
+    req.need("real", "--real DIR|STATS.npz")
     if req.model is not None:
         _generate_fakes(req)
     if req.fake is None and req.save_stats is None:
@@ -87,16 +87,25 @@ def _feature_stats(req: EvalRequest):
                          "the statistics of --real)")
     if req.fake is not None:
         list_images(req.fake, recursive=True)  # an empty --fake fails before the long extraction
+    extractor, real_stats = _reference_stats(req)
+    if req.fake is None:
+        return extractor, real_stats, None
+    info(f"{req.metric}: {extractor.name} features of {req.fake}")
+    return extractor, real_stats, dataset_stats(req.fake, extractor, req.batch_size, req.device)
+
+
+def _reference_stats(req: EvalRequest):
+    """(extractor, statistics of --real); --save-stats writes them."""
+    from ctxdiff.metrics.fid import dataset_stats, feature_extractor, save_stats
+
+    real = req.need("real", "--real DIR|STATS.npz")
     extractor = feature_extractor(req.features, req.device)
     info(f"{req.metric}: {extractor.name} features of {real}")
     real_stats = dataset_stats(real, extractor, req.batch_size, req.device)
     if req.save_stats is not None:
         save_stats(req.save_stats, real_stats)
         info(f"saved the statistics of {real} to {req.save_stats}")
-    if req.fake is None:
-        return extractor, real_stats, None
-    info(f"{req.metric}: {extractor.name} features of {req.fake}")
-    return extractor, real_stats, dataset_stats(req.fake, extractor, req.batch_size, req.device)
+    return extractor, real_stats
 
 
 def _distance_record(req: EvalRequest, extractor, real_stats, fake_stats, value: float | None) -> dict:
@@ -154,35 +163,22 @@ def _generate_fakes(req: EvalRequest) -> None:
 
 def bpd_metric(req: EvalRequest) -> MetricResult:
     """The variational bound (Eq. 4, Appendix A.2) in bits/dim of the base stage on held-out images."""
-    import torch
+    from dataclasses import asdict
 
     from ctxdiff.data.datasets import open_dataset
-    from ctxdiff.diffusion import variational_bound
+    from ctxdiff.evaluation import bits_per_dim
 
     req.need("model", "--model BUNDLE")
     pipe = _pipeline(req)
     size = pipe.base.unet.config.image_size
     data = open_dataset(req.need("data", "--data DIR|shapes"), size, shapes_count=req.num or 256, shapes_seed=4242)
     count = min(len(data), req.num or len(data))
-    generator = torch.Generator().manual_seed(req.seed)
-    adapter = pipe.base.adapter if req.adapter else None
-    x0_fn = pipe.base.x0_fn(clip_x0=False)
-    totals, parts = [], {"prior": 0.0, "diffusion": 0.0, "decoder": 0.0}
     with progress_bar("bits/dim", count) as bar:
-        for start in range(0, count, req.batch_size):
-            items = [data[i] for i in range(start, min(count, start + req.batch_size))]
-            x0 = torch.stack([x for x, _ in items]).to(pipe.device)
-            cond = pipe.encode([c for _, c in items])
-            bound = variational_bound(pipe.sched, x0_fn, x0, cond, adapter,
-                                      num_timesteps=req.bpd_timesteps, generator=generator)
-            totals.append(bound.total.cpu())
-            for name in parts:
-                parts[name] += getattr(bound, name).sum().item()
-            bar.advance(len(items))
-    record = {"metric": "bpd", "model": str(req.model), "data": req.data, "images": count, "adapter": req.adapter,
-              "bits_per_dim": torch.cat(totals).mean().item(),
-              **{f"{name}_bpd": value / count for name, value in parts.items()},
-              "timesteps": "all" if req.bpd_timesteps is None else req.bpd_timesteps}
+        bound = bits_per_dim(pipe, data, count=count, batch_size=req.batch_size, seed=req.seed, adapter=req.adapter,
+                             num_timesteps=req.bpd_timesteps, progress=bar)
+    parts = asdict(bound)
+    record = {"metric": "bpd", "model": str(req.model), "data": req.data, "images": parts.pop("images"),
+              "adapter": req.adapter, **parts, "timesteps": "all" if req.bpd_timesteps is None else req.bpd_timesteps}
     return summary(record)
 
 
@@ -338,7 +334,11 @@ def evaluate(
 def run_sweep(req: EvalRequest, sweep: str) -> MetricResult:
     """--sweep guidance=1.5,3,...: per value, generate into --fake/guidance-<v>/ and measure FID
     (against --real) and CLIP score; a table and a plot of CLIP score against FID (paper Fig. 11)."""
-    from dataclasses import replace
+    from dataclasses import asdict
+
+    from ctxdiff.data.images import read_prompt_lines
+    from ctxdiff.evaluation import guidance_sweep, plot_sweep
+    from ctxdiff.pipelines.batch_generate import sample_captions
 
     name, _, values = sweep.partition("=")
     if name != "guidance" or not values:
@@ -349,29 +349,16 @@ def run_sweep(req: EvalRequest, sweep: str) -> MetricResult:
         raise UsageError(f"--sweep {sweep!r}: the values must be numbers") from None
     req.need("model", "--model BUNDLE")
     base = req.need("fake", "--fake DIR (the sweep writes DIR/guidance-<value>/)")
-    rows, records = [], []
-    for weight in weights:
-        sub = replace(req, metric="fid", guidance=weight, fake=base / f"guidance-{weight:g}")
-        fid = fid_metric(sub).record["fid"]
-        clip = clip_score_metric(replace(sub, images=sub.fake, prompts=None)).record["mean_cosine"]
-        records.append({"guidance": weight, "fid": fid, "clip_mean_cosine": clip})
-        rows.append((weight, fid, clip))
-    plot = base / "sweep.png"
-    _plot_sweep(records, plot, req.features)
-    return MetricResult({"metric": "sweep", "model": str(req.model), "features": req.features, "points": records,
-                         "plot": str(plot)}, ["guidance", "FID", "CLIP score (mean cosine)"], rows)
-
-
-def _plot_sweep(records: list[dict], path: Path, features: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot([r["fid"] for r in records], [r["clip_mean_cosine"] for r in records], marker="o")
-    for r in records:
-        ax.annotate(f"{r['guidance']:g}", (r["fid"], r["clip_mean_cosine"]))
-    ax.set(xlabel=f"FID ({features} features)", ylabel="CLIP score (mean cosine)", title="guidance sweep")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    req.need("real", "--real DIR|STATS.npz")
+    captions = sample_captions(read_prompt_lines(req.need("prompts", "--prompts FILE (captions to sample)")),
+                               req.need("num", "-n N (images to generate)"), req.seed)
+    pipe = _pipeline(req)
+    extractor, real_stats = _reference_stats(req)
+    points = guidance_sweep(pipe, captions, weights, base, real=real_stats, extractor=extractor, clip=_load_clip(req),
+                            params=_sampling_params(req, pipe), seed=req.seed, batch_size=req.batch_size,
+                            device=req.device, progress=progress_bar, log=info)
+    plot = plot_sweep(points, base / "sweep.png", req.features)
+    return MetricResult({"metric": "sweep", "model": str(req.model), "features": req.features,
+                         "points": [asdict(p) for p in points], "plot": str(plot)},
+                        ["guidance", "FID", "CLIP score (mean cosine)"],
+                        [(p.guidance, p.fid, p.clip_mean_cosine) for p in points])
