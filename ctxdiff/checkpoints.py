@@ -10,6 +10,7 @@ Every file is written atomically: a temp file in the same folder, fsync, `os.rep
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pickle
@@ -51,9 +52,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run write(temp) on a temp file beside `path`, fsync it, then rename it onto `path`."""
+    """Run write(temp) on a temp file beside `path`, fsync it, then rename it onto `path`. Temp
+    files of earlier writes to `path` that a kill -9 left behind are removed first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise _write_error(path, e) from e
@@ -412,3 +416,23 @@ def latest_checkpoint(folder: str | Path, pattern: str = TRAINING_STATE_GLOB) ->
     """The training state with the highest step number in `folder`, or None."""
     found = numbered_checkpoints(folder, pattern)
     return found[-1][1] if found else None
+
+
+def load_latest_good_state(folder: str | Path, note: Callable[[str], None] = lambda _: None) -> tuple[dict, Path]:
+    """The newest training state in `folder` that reads; a damaged newer one (truncated by a kill
+    mid-write on a file system without atomic rename, a bad disk) is skipped with a `note`."""
+    damaged = []
+    for _, path in reversed(numbered_checkpoints(folder)):
+        try:
+            state = load_training_state(path)
+        except CtxdiffError:
+            damaged.append(path)
+            continue
+        if damaged:
+            note(f"skipped the damaged {', '.join(p.name for p in damaged)}; resuming from {path.name} "
+                 "(delete the damaged files to silence this)")
+        return state, path
+    if damaged:
+        raise CtxdiffError(f"{folder}: every checkpoint is damaged ({', '.join(p.name for p in damaged)}); delete "
+                           "them and start again without --resume")
+    raise CtxdiffError(f"{folder}: no checkpoint to resume from; run without --resume to start")

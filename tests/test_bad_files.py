@@ -136,3 +136,54 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(tiny_recipe, tmp_path,
     (tmp_path / "run").write_text("a file")
     assert main(["train", "--recipe", tiny_recipe()]) == 2
     assert "is not a folder" in one_line_error(capsys) and (tmp_path / "run").read_text() == "a file"
+
+
+def test_resume_falls_back_to_the_last_good_checkpoint_and_stays_exact(tiny_recipe):
+    from pathlib import Path
+
+    from ctxdiff.training.trainer import Trainer
+
+    def run(name, stop_after=None, resume=False, log=lambda _: None):
+        trainer = Trainer(read_recipe(tiny_recipe(name)), torch.device("cpu"), resume=resume, log=log)
+        trainer.run(should_stop=(lambda: trainer.step >= stop_after) if stop_after else (lambda: False))
+        return trainer
+
+    full = run("full")
+    run("part", stop_after=4)                       # checkpoints at steps 2 and 4 (checkpoint_every: 2)
+    latest = Path(read_recipe(tiny_recipe("part")).output) / "checkpoints" / "step-00000004.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])   # a truncated newest checkpoint
+    notes = []
+    resumed = run("part", resume=True, log=notes.append)
+    assert any("skipped the damaged step-00000004.pt; resuming from step-00000002.pt" in n for n in notes)
+    for (name, a), (_, b) in zip(full.objective.state_dict().items(), resumed.objective.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_temp_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    from ctxdiff.checkpoints import atomic_write
+
+    target = tmp_path / "model.safetensors"
+    stale = tmp_path / ".model.safetensors.k3j4l5.tmp"     # what a kill -9 mid-write leaves
+    other = tmp_path / ".other.safetensors.abc.tmp"
+    stale.write_bytes(b"half")
+    other.write_bytes(b"not ours")
+    atomic_write(target, lambda temp: temp.write_bytes(b"done"))
+    assert target.read_bytes() == b"done" and not stale.exists() and other.exists()
+
+
+def test_a_base_model_is_recorded_by_absolute_path_and_found_beside_a_moved_tuned_file(tmp_path, monkeypatch):
+    from ctxdiff.formats.model_ref import ModelRef
+    from ctxdiff.formats.tuned import default_base
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "base.safetensors").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path / "a")
+    ref = ModelRef.of("base.safetensors")                      # given relative, as a user types it
+    assert ref.path == str(tmp_path / "a" / "base.safetensors")
+    moved = tmp_path / "b"
+    (tmp_path / "a").rename(moved)                             # the user moves the folder elsewhere
+    monkeypatch.chdir(tmp_path)
+    assert default_base(moved / "tuned.safetensors", ref) == moved / "base.safetensors"
+    (moved / "base.safetensors").write_bytes(b"other weights")  # same name, other content: not it
+    with pytest.raises(CtxdiffError, match="nor beside the tuned file"):
+        default_base(moved / "tuned.safetensors", ref)

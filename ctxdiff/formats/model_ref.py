@@ -32,7 +32,20 @@ class ModelRef:
         else:
             files, names = [path], (path.name,)
         stamps = tuple((name, str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for name, f in zip(names, files))
-        return cls(str(path), _sha256(stamps))
+        return cls(str(path.absolute()), _sha256(stamps))
+
+    def locate(self, beside: str | Path | None = None) -> Path | None:
+        """Where the model is now: its recorded (absolute) path, else a file or folder of the same
+        name next to `beside` (a tuned file or inversion moved together with it) with the same
+        content; None when neither is there."""
+        recorded = Path(self.path)
+        if recorded.exists():
+            return recorded
+        if beside is not None:
+            near = Path(beside).absolute().parent / recorded.name
+            if near.exists() and ModelRef.of(near).sha256 == self.sha256:
+                return near
+        return None
 
 
 DIFFUSERS_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json")

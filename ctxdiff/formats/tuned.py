@@ -43,11 +43,14 @@ def tuned_on(bundle) -> dict | None:
 
 
 def default_base(tuned, recorded: ModelRef | None) -> Path:
+    """The base model of a run without --model: the one the tuned file records (where it was, or
+    beside the tuned file), else the bundled default model."""
     if recorded is not None:
-        if not Path(recorded.path).is_file():
-            raise CtxdiffError(f"{tuned}: its base model {recorded.path} is not there; pass --model FILE "
-                               f"(the t2i bundle with sha256 {recorded.sha256[:12]})")
-        return Path(recorded.path)
+        found = recorded.locate(beside=tuned)
+        if found is None:
+            raise CtxdiffError(f"{tuned}: its base model {recorded.path} is not there, nor beside the tuned file; "
+                               f"pass --model FILE (the model with sha256 {recorded.sha256[:12]})")
+        return found
     if not DEFAULT_MODEL.is_file():
         raise CtxdiffError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL}); "
                            "pass --model FILE (a t2i bundle written by `ctxdiff train`)")

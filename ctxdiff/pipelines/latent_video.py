@@ -29,7 +29,7 @@ from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.latent_adapter import LatentAdapterFile, check_adapter_fits
 from ctxdiff.formats.model_ref import ModelRef
-from ctxdiff.formats.tuned import TUNED_KIND, check_base, load_tuned_unet, tuned_on
+from ctxdiff.formats.tuned import TUNED_KIND, check_base, default_base, load_tuned_unet, tuned_on
 from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, image_branch
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
@@ -137,7 +137,7 @@ class LatentVideoModel(VideoDenoiser):
             raise CtxdiffError(f"{tuned}: a tuned file carries its own adapter; drop --adapter")
         if model is None and recorded is None:
             raise CtxdiffError("pass --model (a Stable Diffusion checkpoint file or diffusers folder)")
-        path = Path(model) if model is not None else Path(recorded.path)
+        path = Path(model) if model is not None else default_base(tuned, recorded)
         if not path.exists():
             raise CtxdiffError(f"{path}: no such Stable Diffusion checkpoint; pass --model FILE")
         ref = check_base(tuned, recorded, path)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
+from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_latest_good_state, rotate_checkpoints,
                                  save_training_state, training_state_path)
 from ctxdiff.data.datasets import ShardStream, batch_indices, collate, open_dataset
 from ctxdiff.data.png import grid, save_png, to_uint8
@@ -312,8 +312,7 @@ class TrainLoop:
     def resume_state(self) -> tuple[dict, Path]:
         """The latest checkpoint of this run, refused if it was trained with another model, data,
         noise process or stage (`recipe_changes`); train.steps, lr and the like may change."""
-        path = latest_checkpoint(self.ckpt_dir)
-        state = load_training_state(path)
+        state, path = load_latest_good_state(self.ckpt_dir, self.log)
         changed = recipe_changes(state.get("recipe"), self.recipe)
         if changed:
             raise CtxdiffError(f"{path}: this checkpoint was trained with another {', '.join(changed)}; resume "

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_training_state, rotate_checkpoints,
+from ctxdiff.checkpoints import (capture_rng_state, load_latest_good_state, rotate_checkpoints,
                                  save_training_state, training_state_path)
 from ctxdiff.data.video import Video
 from ctxdiff.diffusion import diffusion_loss
@@ -146,8 +146,7 @@ class VideoTuner:
                 "adapter_sha256": self.model.adapter_ref.sha256 if self.model.adapter_ref is not None else None}
 
     def _load_latest(self) -> None:
-        path = latest_checkpoint(self.ckpt_dir)
-        state = load_training_state(path)
+        state, path = load_latest_good_state(self.ckpt_dir, self.log)
         if state.get("identity") != self._identity():
             raise CtxdiffError(f"{path}: this checkpoint was tuned with another base model, adapter, video, prompt or "
                                "settings; "
