@@ -187,3 +187,21 @@ def test_a_base_model_is_recorded_by_absolute_path_and_found_beside_a_moved_tune
     (moved / "base.safetensors").write_bytes(b"other weights")  # same name, other content: not it
     with pytest.raises(CtxdiffError, match="nor beside the tuned file"):
         default_base(moved / "tuned.safetensors", ref)
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path, tiny_recipe, capsys):
+    from ctxdiff.data.images import read_prompt_lines
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a red circle\nun cercle bleu \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(CtxdiffError, match=r"prompts\.txt, line 2, column 16: the prompts file is not UTF-8 text "
+                                           r"\(byte 0xe9\); save it as UTF-8"):
+        read_prompt_lines(prompts)
+    data = tmp_path / "pics"
+    data.mkdir()
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(data / "a.png")
+    (data / "a.txt").write_bytes(b"a \xff\xfe circle")
+    assert main(["train", "--recipe", tiny_recipe(), "--set", f"data.source={data}"]) == 1
+    err = one_line_error(capsys)
+    assert "a.txt, line 1, column 3: the caption file is not UTF-8" in err

@@ -51,6 +51,15 @@ def test_zero_shot_protocol_generates_resumably_then_scores(tiny_model, tmp_path
     second = run_json(capsys, *args)
     assert (fake / "00000.png").stat().st_mtime_ns == kept  # already made: not made again
     assert second["fid"] == pytest.approx(first["fid"])
+    # a stranger in --fake would be counted by the metric: refused, nothing made or replaced
+    (fake / "holiday.png").write_bytes((fake / "00001.png").read_bytes())
+    assert main(["evaluate", *args[1:]]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds holiday.png, which this run did not make" in err
+    (fake / "holiday.png").unlink()
+    assert main(["evaluate", *args[1:], "--guidance", "9"]) == 1        # other settings than the images there
+    assert "which this run did not make" in capsys.readouterr().err
+    assert (fake / "00000.png").stat().st_mtime_ns == kept
 
 
 def test_prompts_file_shorter_than_n_is_a_clear_error(tiny_model, tmp_path, capsys):

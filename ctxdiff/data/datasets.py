@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image
+from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image, read_text
 from ctxdiff.errors import CtxdiffError
 
 
@@ -77,7 +77,7 @@ def folder_dataset(folder: Path, size: int) -> CaptionedImages:
     candidates = []
     for path in images:
         caption_file = path.with_suffix(".txt")
-        candidates.append((path, caption_file.read_text(encoding="utf-8") if caption_file.exists() else None))
+        candidates.append((path, read_text(caption_file, "caption file") if caption_file.exists() else None))
     return _checked(candidates, size, str(folder))
 
 
@@ -85,10 +85,7 @@ def manifest_dataset(manifest: Path, size: int, caption_key: str) -> CaptionedIm
     """A .jsonl (one object per line) or .csv manifest with an image path column (`image`,
     `path` or `file`, relative to the manifest) and a caption column (`caption_key`, `caption`
     or `text`)."""
-    try:
-        text = manifest.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CtxdiffError(f"{manifest}: cannot read the manifest ({exc.strerror})") from None
+    text = read_text(manifest, "manifest")
     if manifest.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -144,7 +141,10 @@ class ShardStream:
                 array = np.asarray(image.convert("RGB"))
         except Exception:  # noqa: BLE001 - a broken sample is skipped, not fatal
             return None
-        text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        try:
+            text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        except UnicodeDecodeError:   # a caption that is not UTF-8: skipped like a broken image
+            return None
         return to_tensor(array, self.size), text.strip()
 
 

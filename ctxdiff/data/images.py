@@ -112,10 +112,10 @@ def embedded_prompt(path: Path) -> str | None:
         return prompt
     txt, sidecar = path.with_suffix(".txt"), path.with_suffix(".json")
     if txt.is_file():
-        return txt.read_text(encoding="utf-8").strip() or None
+        return read_text(txt, "caption file").strip() or None
     if sidecar.is_file():
         try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
+            record = json.loads(read_text(sidecar, "sidecar"))
         except json.JSONDecodeError as exc:
             raise CtxdiffError(f"{sidecar}: not valid JSON ({exc}); fix it or pass --prompts FILE") from None
         value = record.get("prompt") if isinstance(record, dict) else None
@@ -123,16 +123,28 @@ def embedded_prompt(path: Path) -> str | None:
     return None
 
 
-def read_prompt_lines(path: str | Path) -> list[str]:
-    """A prompts file: one prompt a line; blank lines are skipped."""
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """A text file's contents, UTF-8 (a byte-order mark is dropped); a file that is not UTF-8 or
+    cannot be read is a CtxdiffError naming it and, for bad bytes, the line and column."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise CtxdiffError(f"{path}: no such prompts file") from None
-    except UnicodeDecodeError:
-        raise CtxdiffError(f"{path}: not a UTF-8 text file; pass one prompt a line") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        raise CtxdiffError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise CtxdiffError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise CtxdiffError(f"{path}, line {line}, column {column}: the {what} is not UTF-8 text (byte "
+                           f"0x{data[exc.start]:02x}); save it as UTF-8") from None
+
+
+def read_prompt_lines(path: str | Path) -> list[str]:
+    """A prompts file: one prompt a line; blank lines are skipped."""
+    return [line.strip() for line in read_text(path, "prompts file").splitlines() if line.strip()]
 
 
 def prompts_for_images(paths: list[Path], prompts_file: str | Path | None = None) -> list[str]:

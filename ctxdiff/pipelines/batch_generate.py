@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxdiff.data.png import save_png, to_uint8
+from ctxdiff.data.images import IMAGE_SUFFIXES
+from ctxdiff.data.png import read_png_metadata, save_png, to_uint8
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.recipes import SampleConfig
@@ -26,15 +27,25 @@ def sample_captions(captions: list[str], n: int, seed: int) -> list[str]:
 def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed: int, params: SampleConfig,
                        batch_size: int = 32, progress=None) -> list[Path]:
     """Image i is prompts[i] with seed + i, written as folder/{i:05d}.png (PNG metadata: prompt,
-    seed, parameters). Images already in the folder are kept, so an interrupted run resumes."""
+    seed, parameters). Images already in the folder are kept, so an interrupted run resumes, but
+    only those this protocol made with these prompts, seeds and parameters: any other image there
+    would be counted by the metric, so it is an error."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:05d}.png" for i in range(len(prompts))]
+    records = {path: {"prompt": prompts[i], "seed": seed + i, **asdict(params), "model": pipe.source}
+               for i, path in enumerate(paths)}
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        made = read_png_metadata(path) if path in records else None
+        if made != records.get(path, {}):
+            raise CtxdiffError(f"{folder}: holds {path.name}, which this run did not make (another prompt, seed, "
+                               "model or setting, or another file): the metric would count it; pass an empty "
+                               "or new --fake folder")
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         images = to_uint8(pipe.sample([prompts[i] for i in batch], [seed + i for i in batch], params))
         for i, image in zip(batch, images):
-            save_png(paths[i], image, {"prompt": prompts[i], "seed": seed + i, **asdict(params), "model": pipe.source})
+            save_png(paths[i], image, records[paths[i]])
         if progress is not None:
             progress.advance(len(batch))
     return paths
