@@ -404,7 +404,7 @@ class DiffusionConfig:
 class TrainConfig:
     """Optimisation, precision, checkpointing and logging of `ctxdiff train` / `tune-video`."""
 
-    steps: int = 10_000
+    steps: int = 10_000  # optimizer steps of the run
     batch_size: int = 64  # Tab. 7: 1024 (global); video, Tab. 8: 1
     lr: float = 1e-4  # AdamW; Tab. 7; video, Tab. 8: 1e-5
     weight_decay: float = 0.0  # Tab. 7; video, Tab. 8: 1e-2
@@ -415,19 +415,19 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     ema_decay: float = 0.9999  # 0: no EMA
     ema_warmup: bool = True  # decay_t = min(ema_decay, (1 + step) / (10 + step))
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_accum: int = 1
-    checkpoint_every: int = 1_000
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the forward pass (weights stay fp32)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is split over them)
+    checkpoint_every: int = 1_000  # steps between training states (checkpoints/step-*.pt) and model exports
     keep_last: int = 3  # training states kept; the newest by step
     sample_every: int = 1_000  # 0: no preview samples while training
-    log_every: int = 50
-    num_workers: int = 0
+    log_every: int = 50  # steps between lines of metrics.jsonl
+    num_workers: int = 0  # data-loader worker processes
     gradient_checkpointing: bool = False  # video, Tab. 8 ("use checkpoint"): true
-    stage: Literal["base", "sr", "clip"] = "base"
+    stage: Literal["base", "sr", "clip"] = "base"  # what is trained: base U-Net, super-resolution U-Net, or the CLIP
     lowres_noise_level: float = 0.2  # SR stage: noise level of the low-res condition (Imagen)
     layout_loss: float = 0.0  # clip stage, shapes: weight of the auxiliary loss that makes the image
                               # embedding say where each object is (ClipTrainer)
-    seed: int = 0
+    seed: int = 0  # of initialisation, data order, noise and dropout: a run is a function of it
 
     RETIRED: ClassVar[dict] = {"shape_loss": 0.0}   # keys of files written before they were removed
 
@@ -458,10 +458,10 @@ class DataConfig:
     a webdataset shard pattern ('shards/{00000..00009}.tar'), or 'shapes' (the generated world).
     """
 
-    source: str = "shapes"
+    source: str = "shapes"  # a folder, a .jsonl/.csv manifest, webdataset shards, or 'shapes' (see above)
     image_size: int = 64  # base stage; the SR stage trains at its output size (256)
     shapes_count: int = 10_000  # images (or videos) in the generated shapes dataset
-    shapes_seed: int = 0
+    shapes_seed: int = 0  # seed of the generated shapes world
     caption_key: str = "txt"  # caption field of manifests and shards
     num_frames: int = 8  # video clips; Tab. 8: 8-24
     frame_stride: int = 2  # take every n-th source frame; Tab. 8 "sampling rate": 2
@@ -484,17 +484,28 @@ class SampleConfig:
     `sample:` section, a model's defaults, and everything that decides an image besides its prompt
     and seed (recorded in each PNG)."""
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: str = "ddim"  # ddim (Eq. 9/11), ddpm (Eq. 7), or a context-aware solver: dpmpp-2m, dpmpp-2m-sde,
+                          # euler, euler-a, heun, unipc; "-karras" appended (dpmpp-2m-karras, ...): Karras
+                          # sigmas, rho 7, over the full range (spacing then does not apply)
     steps: int = 50  # video editing, Tab. 8: 20 (inversion and editing)
     eta: float = 0.0  # DDIM stochasticity (Eq. 9); 0: deterministic (Eq. 11)
     guidance: float = 5.0  # classifier-free guidance weight; paper sweeps 1.5..9.0
-    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # which of the T steps are visited
+                                                                      # (diffusers' names)
     sr_steps: int = 25  # steps of the super-resolution stage
     lowres_noise_level: float | None = None  # SR stage: noise level of its low-res input while sampling;
                                              # null: the level it was trained with (train.lowres_noise_level)
     adapter: bool = True  # sample with the adapter's bias; false: r = 0 through the same code path
 
+    SOLVERS: ClassVar[tuple[str, ...]] = ("dpmpp-2m", "dpmpp-2m-sde", "euler", "euler-a", "heun", "unipc")
+    SAMPLERS: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", *SOLVERS, *(f"{s}-karras" for s in SOLVERS))
+
     def __post_init__(self) -> None:
+        if self.sampler not in self.SAMPLERS:
+            spelled = self.sampler.lower().replace("++", "pp").replace(" ", "-").replace("_", "-")  # A1111's names
+            close = difflib.get_close_matches(spelled, self.SAMPLERS, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"sampler {self.sampler!r} is unknown; {hint}choose one of {', '.join(self.SAMPLERS)}")
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.sr_steps >= 1, f"sr_steps must be >= 1, got {self.sr_steps}")
         _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")

@@ -51,15 +51,16 @@ class AdapterConfig:
     """
 
     x_shape: tuple[int, int, int] = (3, 64, 64)   # (C, H, W) of x and of the bias
-    patch_size: int = 4
-    width: int = 512
+    patch_size: int = 4  # x_0 is cut into patch_size x patch_size patches, one token each
+    width: int = 512  # token width of the adapter's transformer
     heads: int = 8                                  # paper, Sec. 4.1
     blocks: int = 4                                 # paper, Appendix C
     text_dim: int = 512                             # CLIP ViT-B/32 text width
     image_dim: int = 0                              # external image-token width; 0 with "patch"
-    image_branch: Literal["patch", "clip"] = "patch"
-    timesteps: int = 1000
-    mlp_ratio: int = 4
+    image_branch: Literal["patch", "clip"] = "patch"  # "patch": x_0's own patches only; "clip": also
+                                                      # the CLIP image tokens of x_0
+    timesteps: int = 1000  # T of the process (as model.unet.timesteps)
+    mlp_ratio: int = 4  # hidden width of each block's MLP, in multiples of width
     bound: float | None = None   # r = bound * tanh(head / bound): |r| <= bound; None: unbounded (the paper)
 
     def __post_init__(self):

@@ -54,6 +54,8 @@ CUSTOM_ARCHS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class ClipConfig:
+    """The CLIP that encodes text (for the U-Net and the adapter) and images (the adapter's image branch)."""
+
     arch: str = "ViT-B-32"                 # open_clip architecture name (OpenAI weights from a file:
                                            # "ViT-B-32-quickgelu"), or a CUSTOM_ARCHS key
     weights: str | None = None             # local file, or open_clip pretrained tag ("openai"); None: random

@@ -45,27 +45,31 @@ class UNetConfig:
     `timesteps` steps), which `ctxdiff train` sets from the recipe's `diffusion.schedule`.
     """
 
-    image_size: int = 64
-    in_channels: int = 3
-    out_channels: int = 3
-    base_channels: int = 128
-    channel_mults: tuple[int, ...] = (1, 2, 3, 4)
-    num_res_blocks: int | tuple[int, ...] = 2
-    attention_levels: tuple[int, ...] = (1, 2, 3)
-    heads: int = 4
-    head_dim: int = 0
-    text_dim: int = 512
-    pooled_dim: int = 512
+    image_size: int = 64  # side of the (square) images it denoises, in pixels
+    in_channels: int = 3  # channels of x_t (3 for RGB)
+    out_channels: int = 3  # channels of its output
+    base_channels: int = 128  # channels of the first level; level i has base_channels * channel_mults[i]
+    channel_mults: tuple[int, ...] = (1, 2, 3, 4)  # one per resolution level, each halving the resolution
+    num_res_blocks: int | tuple[int, ...] = 2  # residual blocks per level (one number, or one per level)
+    attention_levels: tuple[int, ...] = (1, 2, 3)  # levels (0: full resolution) with self- and
+                                                   # cross-attention to the text
+    heads: int = 4  # attention heads at every site (unless head_dim > 0)
+    head_dim: int = 0  # > 0: fixed head width instead, heads = channels // head_dim
+    text_dim: int = 512  # width of the text tokens (the CLIP's text width)
+    pooled_dim: int = 512  # width of the pooled text embedding (the CLIP's embedding width)
     coord_channels: bool = False  # CoordConv: x and y coordinate maps join the input (absolute position)
     layout_maps: int = 0  # this many maps drawn from the pooled text embedding join the input (a layout prior)
-    dropout: float = 0.0
-    timesteps: int = 1000
-    lowres_cond: bool = False
-    efficient: bool = False
-    scale_skip: bool = False
-    gradient_checkpointing: bool = False
-    prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"
-    schedule: Literal["linear", "scaled_linear", "cosine"] | None = None
+    dropout: float = 0.0  # in the residual blocks
+    timesteps: int = 1000  # T of the process it is trained on (the timestep embedding reads t * 1000 / T)
+    lowres_cond: bool = False  # super-resolution: the upsampled low-res image joins x_t, its noise
+                               # level the timestep embedding
+    efficient: bool = False  # Imagen's Efficient U-Net layout (see above)
+    scale_skip: bool = False  # skip connections scaled by 2**-0.5 (Imagen)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    prediction_type: Literal["sample", "epsilon", "v_prediction"] = "sample"  # what the last conv outputs;
+                                                                             # the net always returns x0_hat
+    schedule: Literal["linear", "scaled_linear", "cosine"] | None = None  # the schedule its output is read
+                                                                         # under; null: set by `ctxdiff train`
 
     RETIRED: ClassVar[dict] = {"token_pool": False}   # keys of files written before they were removed
 

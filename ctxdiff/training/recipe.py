@@ -23,11 +23,11 @@ class ModelConfig:
     cascade bundle; its low-res input is the training image downsampled to `lowres_size`.
     """
 
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    adapter: AdapterConfig | None = None
-    base_model: str | None = None
-    lowres_size: int = 64
+    clip: ClipConfig = field(default_factory=ClipConfig)  # the text and image encoders (open_clip)
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the denoiser f_theta
+    adapter: AdapterConfig | None = None  # the context-aware adapter r_phi; null: r = 0 (plain diffusion)
+    base_model: str | None = None  # train.stage sr: the base t2i bundle joined into the cascade
+    lowres_size: int = 64  # train.stage sr: the side the low-res input is downsampled to
     init_from: str | None = None  # a t2i bundle whose stage weights (unet, adapter) start this run
 
     def __post_init__(self) -> None:
@@ -45,7 +45,7 @@ class LatentConfig:
     `model.unet` is not used; `diffusion.schedule` and `diffusion.timesteps` must be the checkpoint's.
     """
 
-    sd_checkpoint: str
+    sd_checkpoint: str  # the frozen backbone: a CompVis single file or a diffusers folder
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: as load_sd detects it
     use_ema: bool = True  # the checkpoint's EMA U-Net weights, when it has them
 
@@ -58,12 +58,12 @@ class LatentConfig:
 class Recipe:
     """A whole training run. `output` is the run folder (checkpoints, samples, metrics, model)."""
 
-    output: str = "runs/run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: str = "runs/run"  # the run folder: checkpoints/, samples/, metrics.jsonl, recipe.yaml, the model file
+    model: ModelConfig = field(default_factory=ModelConfig)  # what is trained
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the noise process and the loss
+    data: DataConfig = field(default_factory=DataConfig)  # the training pairs
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, precision, checkpoints, logging
+    sample: SampleConfig = field(default_factory=SampleConfig)  # sampling defaults, written into the model file
     preview_prompts: tuple[str, ...] = ()  # prompts of the sample grid written while training
     export_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # of <output>/model.safetensors (fp16: shipping)
     latent: LatentConfig | None = None  # set: train an adapter over this SD backbone (<output>/adapter.safetensors)

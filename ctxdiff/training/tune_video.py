@@ -46,17 +46,17 @@ class TuneConfig:
     lr: float = 1e-5                           # Tab. 8
     weight_decay: float = 1e-2                 # Tab. 8
     adam_betas: tuple[float, float] = (0.9, 0.999)   # Tab. 8
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
     frames: int = 8                            # Tab. 8: 8..24
     stride: int = 2                            # Tab. 8 "sampling rate"
-    start: int = 0
+    start: int = 0  # first source frame taken
     gradient_checkpointing: bool = True        # Tab. 8 "use checkpoint"
     adapter: bool = True                       # False: tune without the adapter (the Tune-A-Video baseline)
     window: int = 3                            # Tab. 8: frames of the adapter's temporal causal attention
-    checkpoint_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
+    checkpoint_every: int = 100  # steps between training states
+    keep_last: int = 2  # training states kept; the newest by step
+    log_every: int = 10  # steps between lines of metrics.jsonl
+    seed: int = 0  # of noise, timesteps and dropout: a run is a function of it
 
     def __post_init__(self) -> None:
         for name in ("steps", "frames", "stride", "window", "checkpoint_every", "keep_last", "log_every"):
