@@ -116,3 +116,30 @@ def test_debug_after_the_subcommand_shows_the_traceback(tmp_path):
 
     with pytest.raises(CtxdiffError, match="absent.yaml"):
         main(["train", "--recipe", str(tmp_path / "absent.yaml"), "--debug"])
+
+
+def _generated(capsys, argv: list[str]) -> tuple[dict, dict]:
+    """The JSON record and the PNG metadata of the one image `ctxdiff --json generate ...` makes."""
+    from ctxdiff.data.png import read_png_metadata
+
+    record = json.loads(_generate_json_line(capsys, ["--json", "-q", "generate", *argv]))
+    return record, read_png_metadata(record["path"])
+
+
+def test_generate_records_no_adapter_for_an_sd_checkpoint_without_one(tmp_path, capsys):
+    from ctxdiff.models.latent import save_compvis
+    from tiny_sd import tiny_sd_models
+
+    sd = save_compvis(tmp_path / "tiny-sd.safetensors", tiny_sd_models(0))
+    for extra in ([], ["--no-adapter"]):
+        record, meta = _generated(capsys, ["a red circle", "--model", str(sd), "--steps", "2", "--seed", "1",
+                                           "--out", str(tmp_path / "out"), "--force", *extra])
+        assert record["adapter"] is False and meta["adapter"] is False and "adapter_file" not in record
+
+
+def test_generate_records_the_bundled_adapter_only_when_it_runs(tmp_path, capsys):
+    common = ["a red circle", "--steps", "2", "--sr-steps", "2", "--seed", "1", "--out", str(tmp_path), "--force"]
+    record, meta = _generated(capsys, common)
+    assert record["adapter"] is True and meta["adapter"] is True
+    record, meta = _generated(capsys, [*common, "--no-adapter"])
+    assert record["adapter"] is False and meta["adapter"] is False

@@ -268,7 +268,8 @@ def test_cli_trains_an_adapter_from_a_recipe_and_generates_with_it(recipe, tmp_p
                  "--seed", "2", "--height", "24", "--out", str(out)]) == 0
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
     meta = read_png_metadata(record["path"])
-    assert meta["adapter"] == str(adapter) and meta["steps"] == 3 and meta["guidance"] == 7.5 and meta["adapter"]
+    assert meta["adapter_file"] == str(adapter) and meta["adapter"] is True and meta["steps"] == 3
+    assert meta["guidance"] == 7.5
     assert Image.open(record["path"]).size == (16, 24)
 
 
@@ -347,7 +348,7 @@ def test_cli_generates_from_a_tiny_sd_checkpoint_with_metadata(sd_path, tmp_path
     for record in records:
         meta = read_png_metadata(record["path"])
         assert meta["prompt"] == record["prompt"] and meta["model"] == str(sd_path)
-        assert (meta["steps"], meta["guidance"], meta["sampler"], meta["adapter"]) == (3, 7.5, "ddim", True)
+        assert (meta["steps"], meta["guidance"], meta["sampler"], meta["adapter"]) == (3, 7.5, "ddim", False)
         assert Image.open(record["path"]).size == (16, 16)    # the U-Net's sample size x the VAE's downscale
     assert main(["generate", PROMPTS[0], "--model", str(sd_path), "--seed", "7", "--steps", "3", "--no-adapter",
                  "--out", str(tmp_path / "plain")]) == 0

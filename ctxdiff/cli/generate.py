@@ -85,12 +85,15 @@ def generate(
     model_path = model or default_model()
     pipe = _pipeline(model_path, adapter, height, width, vae_tiling)
     d = pipe.defaults
+    has_adapter = _has_adapter(pipe)
+    # params.adapter records what runs (and is written to the JSON line and PNG): an adapter is used
+    # only when the model has one and --no-adapter is not given; without one, r = 0 either way.
     params = replace(d, sampler=sampler.value if sampler else d.sampler, steps=steps or d.steps,
                      sr_steps=sr_steps or d.sr_steps, eta=d.eta if eta is None else eta,
-                     guidance=d.guidance if guidance is None else guidance, adapter=not no_adapter)
+                     guidance=d.guidance if guidance is None else guidance, adapter=has_adapter and not no_adapter)
     if params.steps > pipe.sched.T or params.sr_steps > pipe.sched.T:
         raise UsageError(f"--steps must be at most the model's {pipe.sched.T} diffusion steps")
-    if no_adapter and not pipe.has_adapter:
+    if no_adapter and not has_adapter:
         warn("this model has no adapter; --no-adapter changes nothing")
     first_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
     jobs = [(p, first_seed + i * num + j) for i, p in enumerate(texts) for j in range(num)]
@@ -103,7 +106,8 @@ def generate(
             for k, ((prompt, image_seed), image) in enumerate(zip(batch, images)):
                 index = start + k
                 meta = {"prompt": prompt, "seed": image_seed, **asdict(params), "model": str(model_path),
-                        **({"adapter": str(adapter)} if adapter else {}), "size": f"{image.shape[1]}x{image.shape[0]}"}
+                        **({"adapter_file": str(adapter)} if adapter else {}),
+                        "size": f"{image.shape[1]}x{image.shape[0]}"}
                 path = save_png(out / f"{index:05d}-{safe_stem(prompt)}-{image_seed}.png", image, meta)
                 record = {"path": str(path), **meta}
                 emit_json(record)
@@ -118,6 +122,13 @@ def generate(
         print_table(f"{len(records)} image(s) in {out}", ["file", "prompt", "seed"],
                     [[Path(r["path"]).name, r["prompt"], r["seed"]] for r in records])
     info(f"seed {first_seed}" + (" (random)" if seed is None else ""))
+
+
+def _has_adapter(pipe) -> bool:
+    """Whether any stage of the pipeline has an adapter (`Text2Image.has_adapter` asks the base
+    stage only; a bundle's super-resolution stage may have its own)."""
+    sr = getattr(pipe, "sr", None)
+    return pipe.has_adapter or (sr is not None and sr.adapter is not None)
 
 
 def _pipeline(model: Path, adapter: Path | None, height: int | None, width: int | None, vae_tiling: bool):
