@@ -301,3 +301,12 @@ def test_colour_layout_reads_every_object_position_from_the_pixels(size):
             assert torch.dist(where[names.index(obj.colour)], expected) < 0.03, (scene.caption, where, expected)
     mirrored, _ = colour_layout(images.flip(-1))          # and it reads the image, not the caption
     assert torch.allclose(mirrored[..., 0][present], 1 - centroids[..., 0][present], atol=1e-5)
+
+
+def test_unknown_words_are_those_the_world_has_no_meaning_for():
+    from ctxdiff.shapes.captions import unknown_words
+
+    assert unknown_words("a cat in armor") == ["cat", "armor"]
+    assert unknown_words("A small red circle on the left, on a grey background") == []
+    world = ShapesWorld(seed=2)
+    assert all(unknown_words(world.scene(i).caption) == [] for i in range(200))

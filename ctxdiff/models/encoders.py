@@ -31,6 +31,7 @@ from torch import nn
 from ctxdiff.checkpoints import TORCH_SUFFIXES, load_bundle, load_module_state, read_state_dict, save_bundle
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.recipes import from_dict
 
 # ctxdiff's own small CLIPs, in open_clip's model-config format (embed_dim, vision_cfg, text_cfg).
 # Both use open_clip's bundled BPE vocabulary (49408 tokens), so the token embedding dominates
@@ -297,9 +298,9 @@ def _read_clip_bundle(path: str) -> tuple[ClipConfig, dict[str, torch.Tensor]] |
     if bundle.kind not in ("clip", "t2i"):
         raise CtxdiffError(f"{path}: a '{bundle.kind}' bundle holds no CLIP; pass a clip or t2i bundle")
     try:
-        config = ClipConfig(**bundle.configs["clip"])
+        config = from_dict(ClipConfig, bundle.configs["clip"], "clip")
         state = bundle.tensors["clip"]
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, CtxdiffError) as exc:
         raise CtxdiffError(f"{path}: clip bundle without a valid 'clip' module and config ({exc}); "
                            "write it again with `save_clip`") from exc
     return config, state

@@ -214,3 +214,19 @@ class _CaptionParser:
 
     def reject(self, reason: str):
         raise ValueError(f"cannot read caption {self.text!r}: {reason}")
+
+
+def vocabulary() -> frozenset[str]:
+    """Every word the world's captions use or `parse_caption` reads (colours, shapes, sizes, the
+    words of positions, relations, motions and backgrounds, articles, synonyms)."""
+    words = set(OBJECT_COLOURS) | set(BACKGROUND_COLOURS) | set(SHAPES) | set(SIZES) | set(_ARTICLES) | {"and"}
+    words |= set(_SYNONYMS) | {w for phrase, _ in _PHRASES for w in phrase}
+    words |= {w for template in _BACKGROUND_WORDS for w in template.replace("{}", "").split()} | {"against"}
+    return frozenset(words)
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` the shapes world has no meaning for, in order, each once."""
+    known = vocabulary()
+    words = re.sub(r"[^a-z ]", " ", text.lower().replace("-", " ")).split()
+    return list(dict.fromkeys(w for w in words if w not in known))
