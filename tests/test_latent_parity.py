@@ -17,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint  # noqa: E402
 
+from tiny_sd import randomize  # noqa: E402
+
 from ctxdiff.models.latent import LatentTextConfig, LatentTextEncoder, load_sd, save_compvis, tokenize  # noqa: E402
 from ctxdiff.models.latent.convert import (  # noqa: E402
     OPENCLIP_PREFIX, detect_unet_config, detect_vae_config, text_from_compvis, to_compvis,
@@ -38,27 +40,14 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_atten
 PROMPTS = ["a red square above a blue circle", "an astronaut riding a horse, oil painting"]
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised outputs and unit norms would hide mapping errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            else:
-                p.copy_(noise * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return module.eval()
-
-
 @pytest.fixture(scope="module", params=sorted(FLAVOURS))
 def case(request, tmp_path_factory):
     """A diffusers folder of random small models, their diffusers/transformers objects, and our load of it."""
     flavour = FLAVOURS[request.param]
     folder = tmp_path_factory.mktemp(f"sd-{request.param}")
-    unet = _randomize(diffusers.UNet2DConditionModel(**UNET, **flavour["unet"]), 0)
-    vae = _randomize(diffusers.AutoencoderKL(**VAE), 1)
-    text = _randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT, hidden_act=flavour["act"])), 2)
+    unet = randomize(diffusers.UNet2DConditionModel(**UNET, **flavour["unet"]), 0)
+    vae = randomize(diffusers.AutoencoderKL(**VAE), 1)
+    text = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT, hidden_act=flavour["act"])), 2)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text.save_pretrained(folder / "text_encoder")
@@ -178,7 +167,7 @@ def test_unet_and_vae_configs_are_read_back_from_compvis_shapes(case):
 def test_openclip_names_with_fused_in_proj_match_open_clip_penultimate_output():
     """SD 2.x single files store open_clip's text tower; SD uses its penultimate layer, then ln_final."""
     open_clip_transformer = pytest.importorskip("open_clip.transformer")
-    tower = _randomize(open_clip_transformer.TextTransformer(width=32, heads=4, layers=3, output_dim=32), 5)
+    tower = randomize(open_clip_transformer.TextTransformer(width=32, heads=4, layers=3, output_dim=32), 5)
     config = LatentTextConfig(width=32, layers=3, heads=4, intermediate_size=128, act="gelu", layer="penultimate",
                               pad_token_id=0)
     state = {OPENCLIP_PREFIX + k: v for k, v in tower.state_dict().items()}
