@@ -6,30 +6,37 @@ import json
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ctxdiff.cli.app import options
 
-stderr = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+
+@lru_cache(maxsize=None)
+def _stderr() -> Console:
+    """The console on stderr, made at first use (`--version` and completion never import rich)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def error(message: str) -> None:
     """One line, no traceback."""
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    _stderr().print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     if not options().quiet:
-        stderr.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+        _stderr().print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 
 def info(message: str) -> None:
     if not options().quiet:
-        stderr.print(message, soft_wrap=True)
+        _stderr().print(message, soft_wrap=True)
 
 
 def emit_json(record: dict[str, Any]) -> None:
@@ -43,12 +50,14 @@ def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -
     """A rich table on stderr for people (suppressed by --quiet)."""
     if options().quiet:
         return
+    from rich.table import Table
+
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
-    stderr.print(table)
+    _stderr().print(table)
 
 
 def _fmt(value: Any) -> str:
@@ -64,13 +73,16 @@ def progress_bar(description: str, total: int, fields: Iterable[str] = ()) -> It
     if options().quiet:
         yield ProgressHandle(None, None)
         return
-    if not stderr.is_terminal:
+    if not _stderr().is_terminal:
         yield LineProgress(description, total)
         return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn()]
     columns += [TextColumn(f"{name}={{task.fields[{name}]}}") for name in fields]
-    progress = Progress(*columns, console=stderr, transient=False)
+    progress = Progress(*columns, console=_stderr(), transient=False)
     with progress:
         task = progress.add_task(description, total=total, **{name: "-" for name in fields})
         yield ProgressHandle(progress, task)
@@ -102,5 +114,5 @@ class LineProgress(ProgressHandle):
         if self.done // self.every > before // self.every or self.done == self.total:
             elapsed = time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - self.started))
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-            stderr.print(f"{self.description} {self.done}/{self.total} ({100 * self.done // self.total}%) "
+            _stderr().print(f"{self.description} {self.done}/{self.total} ({100 * self.done // self.total}%) "
                          f"{elapsed} {extra}".rstrip(), soft_wrap=True)
