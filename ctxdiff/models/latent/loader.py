@@ -309,7 +309,8 @@ def _other_family(state: dict[str, torch.Tensor]) -> str | None:
     """The model family of a file that is not SD 1.x/2.x (a LoRA included), from its keys, or None."""
     keys = list(state)
     if _contains(keys, *_LORA_MARKS) or _starts(keys, "lora_unet_", "lora_te"):
-        return f"this is a LoRA (low-rank adapter weights), not a model; ctxdiff does not apply LoRAs: {_WHOLE}"
+        return (f"this is a LoRA (low-rank adapter weights), not a model: {_WHOLE} as the model and give the LoRA "
+                "with --lora FILE[:WEIGHT] (ctxdiff.models.latent.lora.merge_lora)")
     contexts = {v.shape[1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")}
     if _starts(keys, "conditioner.embedders.") or (
             UNET_PREFIX + "label_emb.0.0.weight" in state and contexts & {1280, 2048}):
