@@ -2,7 +2,9 @@
 # One GPU session, end to end: the test suite on CUDA, the adapter ablation (recipes/shapes-base.yaml
 # and recipes/shapes-base-noadapter.yaml: with and without the adapter, same seed and steps) trained and evaluated on the GPU, the SR
 # stage that completes the default cascade, and the GPU benchmarks; the shapes CLIP is trained
-# first by recipes/shapes-clip.yaml.
+# first by recipes/shapes-clip.yaml; then SD sampling speed against diffusers (benchmarks/sd_speed.py) and
+# the SD video-editing cost (benchmarks/video_edit.py cost --model sd15). diffusers and transformers
+# must be installed there (carried as wheels).
 #   benchmarks/gpu_session.sh OUT_DIR            (SMOKE=1 for a few-step CPU rehearsal)
 set -u
 OUT=${1:-gpu-out}
@@ -50,6 +52,13 @@ for args in "${BENCH[@]}"; do
   timeout 120 python3 benchmarks/adapter_overhead.py --device $DEV $args >> "$OUT/logs/bench-adapter.log" 2>&1
 done
 log "adapter overhead done"
+SD_SPEED=(); [ "${SMOKE:-0}" = 1 ] && SD_SPEED=(--tiny --steps 3 --reps 1)
+timeout 300 python3 benchmarks/sd_speed.py --device $DEV "${SD_SPEED[@]}" > "$OUT/logs/bench-sd-speed.log" 2>&1
+log "sd speed (issue 20) exit $? $(tail -1 "$OUT/logs/bench-sd-speed.log")"
+if [ "${SMOKE:-0}" != 1 ]; then
+  timeout 300 python3 benchmarks/video_edit.py cost --device $DEV --model sd15 > "$OUT/logs/bench-video-cost.log" 2>&1
+  log "video edit cost (issue 19) exit $?"
+fi
 wait $C
 cp $RUNS/shapes-clip/clip-eval.json "$OUT/ablation/" 2>/dev/null
 for run in shapes-base shapes-base-noadapter shapes; do
