@@ -85,3 +85,12 @@ def test_inpainting_keeps_the_known_region_on_eq1_and_its_prediction_on_the_init
     known = q_sample(sched, x0_init, 400, noise=noise)
     assert torch.equal(seen[0][..., 2:], known[..., 2:]) and torch.equal(seen[0][..., :2], x[..., :2])
     assert torch.equal(out[..., 2:], x0_init[..., 2:]) and out[..., :2].abs().max() == 0
+
+
+def test_a_prompts_file_line_carries_its_own_negative_prompt():
+    from ctxdiff.data.images import split_negative
+    assert split_negative("a cat in armor --negative blurry, low quality") == ("a cat in armor", "blurry, low quality")
+    assert split_negative("a cat in armor", default="ugly") == ("a cat in armor", "ugly")
+    assert split_negative("a cat --negative ", default="ugly") == ("a cat", "")       # an explicit empty negative
+    assert split_negative("a cat --negative", default="ugly") == ("a cat", "")
+    assert split_negative("a cat--negative x") == ("a cat--negative x", "")

@@ -147,6 +147,18 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     return [line.strip() for line in read_text(path, "prompts file").splitlines() if line.strip()]
 
 
+NEGATIVE_MARK = " --negative "
+
+
+def split_negative(line: str, default: str = "") -> tuple[str, str]:
+    """(prompt, negative prompt) of a prompts-file line: `a cat in armor --negative blurry, low quality` gives its
+    own negative prompt (the CLI's flag name), a line without one gets `default` (the --negative of the command)."""
+    prompt, mark, negative = line.partition(NEGATIVE_MARK)
+    if not mark and line.rstrip().endswith(NEGATIVE_MARK.rstrip()):
+        prompt, mark = line.rstrip()[: -len(NEGATIVE_MARK.rstrip())], NEGATIVE_MARK
+    return prompt.strip(), negative.strip() if mark else default
+
+
 def prompts_for_images(paths: list[Path], prompts_file: str | Path | None = None) -> list[str]:
     """One prompt per image: line i of `prompts_file` for image i (sorted order), else each
     image's embedded prompt (PNG chunk or sidecar)."""
