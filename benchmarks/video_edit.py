@@ -4,6 +4,7 @@
     python benchmarks/video_edit.py cost --device cuda --frames 8 16 24
     python benchmarks/video_edit.py cost --device cuda --model sd15   # 512x512, SD 1.5-shaped, fp16
     python benchmarks/video_edit.py shapes --train-steps 1000 --seeds 12
+    python benchmarks/video_edit.py inversion                  # reconstruction PSNR per method and clip
 
 `cost` runs every (frames, adapter) pair in its own process on a model of the bundled default's
 size (recipes/shapes-base.yaml: 32x32 U-Net, CLIP-branch adapter, shapes CLIP; random weights), on
@@ -20,6 +21,15 @@ circle moving right is tuned on (20 steps), inverted and edited to "a blue circl
 right". A run passes when the judge finds blue in >= 80% of frames and the object's x path
 correlates >= 0.9 with the source's. Rows compare the adapter with `--no-adapter` and the
 inversion spacings.
+
+`inversion` inverts held-out clips (shapes-world clips drawn with seeds no test or training run
+uses, and the real clips of ../shared/data resized to the model's side) under their own prompt and
+samples back without guidance, at the model's resolution, and prints the PSNR against the source
+for each inversion method (docs/math.md#exact-inversion), with the adapter and without:
+plain DDIM to t = T (the old default), DDIM stopped one step earlier (t_N = T - T/N) or where
+abar_t >= 1e-3, DDIM with 2 fixed-point `refine` iterations, and EDICT stopped where abar_t >= 1e-3
+or at t = T.
+`--tune-steps N` first tunes the model on each clip (Tab. 8 settings) and inverts with the tuned one.
 """
 
 from __future__ import annotations
@@ -240,6 +250,83 @@ def shapes(args) -> None:
               f"{np.nanmin(corr):>15.3f}")
 
 
+# -- inversion: which method can be undone ---------------------------------------------------------
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+JEEP_PROMPT = "a silver jeep driving down a curvy road in the countryside"
+HELD_OUT_CLIPS = [   # (caption, seed): seeds 9001.. are used by no test, training set or other benchmark
+    ("a red circle moving to the right", 9001),
+    ("a small blue square moving up on a black background", 9002),
+    ("a large yellow triangle moving to the left on a gray background", 9003),
+    ("a green cross moving down on a white background", 9004),
+]
+REAL_CLIPS = [("videos/car-turn.mp4", JEEP_PROMPT, 4), ("videos/man-skiing.mp4", "a man is skiing", 4),
+              ("frames/jeep", JEEP_PROMPT, 1)]
+
+
+def inversion_methods(sched, steps: int) -> dict[str, dict]:
+    from ctxdiff.diffusion.samplers import highest_invertible_step
+
+    top = highest_invertible_step(sched)
+    early = sched.T - sched.T // steps
+    return {"ddim, t_N = T": {},
+            f"ddim, t_N = {early}": {"steps": steps - 1, "max_t": early},
+            f"ddim, t_N = {top} (abar 1e-3)": {"max_t": top},
+            "ddim + refine 2, t_N = T": {"refine": 2},
+            f"edict, t_N = {top} (abar 1e-3)": {"method": "edict", "max_t": top},
+            "edict, t_N = T": {"method": "edict"}}
+
+
+def held_out_clips(size: int, frames: int) -> list[tuple[str, "object", str]]:
+    """(name, Video, prompt) of the held-out clips at the model's side `size`."""
+    from ctxdiff.data.video import Video
+    from ctxdiff.pipelines.video_edit import read_source
+    from ctxdiff.shapes.world import moving_shape_video
+
+    clips = []
+    for caption, seed in HELD_OUT_CLIPS:
+        clip = moving_shape_video(caption, frames=frames, size=size, seed=seed)
+        clips.append((f"shapes {seed}", Video(clip.frames, 8.0, Path(f"shapes-{seed}")), caption))
+    for rel, prompt, stride in REAL_CLIPS:
+        if (DATA / rel).exists():
+            clips.append((Path(rel).stem, read_source(DATA / rel, frames, stride, 0, size), prompt))
+    return clips
+
+
+def inversion(args) -> None:
+    from ctxdiff.formats.inversion import InversionParams
+    from ctxdiff.pipelines.video import load_video_model
+    from ctxdiff.pipelines.video_edit import invert_video, reconstruct
+    from ctxdiff.training.tune_video import TuneConfig, VideoTuner
+
+    torch.set_num_threads(args.threads)
+    base = load_video_model(args.model)
+    methods = inversion_methods(base.sched, args.steps)
+    rows = []
+    for name, video, prompt in held_out_clips(base.image_size, args.frames):
+        model = base
+        if args.tune_steps:
+            model = load_video_model(args.model)
+            with tempfile.TemporaryDirectory() as run:
+                VideoTuner(model, video, prompt, TuneConfig(steps=args.tune_steps, frames=len(video), stride=1,
+                                                            checkpoint_every=10**6), run).run()
+        for adapter in (True, False):
+            row = {"clip": name, "adapter": adapter}
+            for method, settings in methods.items():
+                params = InversionParams(**{"steps": args.steps, "adapter": adapter, **settings})
+                row[method] = reconstruct(model, invert_video(model, video, prompt, params)).psnr
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    tuned = f"tuned {args.tune_steps} steps per clip" if args.tune_steps else "zero-shot"
+    print(f"same-prompt reconstruction PSNR (dB; inf: every pixel back), {args.model or 'bundled model'} ({tuned}), "
+          f"{base.image_size}x{base.image_size}, {args.frames} frames, {args.steps} steps, no guidance")
+    print("| clip | adapter | " + " | ".join(methods) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in methods) + " |")
+    for row in rows:
+        print(f"| {row['clip']} | {'on' if row['adapter'] else 'off'} | "
+              + " | ".join(f"{row[m]:.1f}" for m in methods) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -263,8 +350,16 @@ def main() -> None:
     s.add_argument("--tune-steps", type=int, default=20)
     s.add_argument("--lr", type=float, default=1e-4)
     s.add_argument("--seeds", type=int, default=8)
+    i = sub.add_parser("inversion", help="reconstruction PSNR per inversion method and held-out clip")
+    i.add_argument("--model", help="a t2i bundle (default: the bundled model)")
+    i.add_argument("--frames", type=int, default=8)
+    i.add_argument("--steps", type=int, default=20)
+    i.add_argument("--tune-steps", type=int, default=0, help="tune on each clip first (0: zero-shot)")
+    i.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.mode == "_one":
+    if args.mode == "inversion":
+        inversion(args)
+    elif args.mode == "_one":
         print(json.dumps(measure_one(args.model, args.frames, not args.no_adapter, args.device, args.tune_steps,
                                      args.steps)))
     elif args.mode == "cost":

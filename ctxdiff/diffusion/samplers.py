@@ -14,10 +14,11 @@ from typing import Callable
 
 import torch
 
-from ctxdiff.diffusion.process import ddim_invert_step, ddim_step, ddpm_step
+from ctxdiff.diffusion.process import context_biases, ddim_invert_step, ddim_step, ddpm_step, predicted_noise
 from ctxdiff.diffusion.schedule import Schedule
 
 SPACINGS = ("leading", "trailing", "linspace")
+EDICT_MIX = 0.93   # Wallace et al. 2023's mixing weight p
 
 
 def timesteps_for(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -121,6 +122,96 @@ def invert_ddim(x0_fn: Callable, x_start: torch.Tensor, timesteps: list[int], sc
         trajectory.append(x)
         _report(callback, progress, step=i, t=t, x=x, x0_hat=x0_hat)
     return trajectory
+
+
+def highest_invertible_step(sched: Schedule, min_alpha_bar: float = 1e-3) -> int:
+    """The largest paper step t with abar_t >= `min_alpha_bar`: where an inversion can stop and still
+    keep some of the signal (at t = T a cosine schedule's abar_T is ~0 and x_T would hold noise only)."""
+    ok = (sched.alpha_bar >= min_alpha_bar).nonzero().flatten()
+    return int(ok.max())
+
+
+def inversion_timesteps(T: int, steps: int, spacing: str = "trailing", max_t: int | None = None) -> list[int]:
+    """Increasing paper steps [t_1, ..., t_N] of a `steps`-step inversion: `timesteps_for`'s list
+    without its final 0, laid over 0..max_t instead of 0..T when `max_t` is given (so t_N = max_t
+    for "trailing")."""
+    top = T if max_t is None else max_t
+    if not 1 <= top <= T:
+        raise ValueError(f"max_t must be in 1..{T}, got {max_t}")
+    return timesteps_for(top, min(steps, top), spacing)[:-1][::-1]
+
+
+def _edict_transfer(sched: Schedule, x0_fn: Callable, z: torch.Tensor, w: torch.Tensor, t: int, s: int,
+                    adapter, cond, inverse: bool) -> torch.Tensor:
+    """One EDICT half-step of chain z driven by chain w, in shifted coordinates (docs/math.md#exact-inversion):
+
+        x0_hat = f(w, c, t),  b_u = k_u r_phi(x0_hat, c, u),  eps_hat = (w - sqrt(abar_t) x0_hat - b_t) / sqrt(1 - abar_t)
+        forward (t -> s):  z' = b_s + a (z - b_t) + b eps_hat,   inverse: z = b_t + (z' - b_s - b eps_hat) / a
+
+    with Song et al.'s a = sqrt(abar_s / abar_t), b = sqrt(1 - abar_s) - sqrt(abar_s (1 - abar_t) / abar_t).
+    Every term but z depends on w only, so the half-step is an exactly invertible affine map of z."""
+    x0_hat = x0_fn(w, cond, _batch(t, w))
+    bias_t, bias_s = context_biases(sched, x0_hat, t, s, adapter, cond)
+    eps_hat = predicted_noise(sched, w, t, x0_hat, bias_t=bias_t)
+    abar_t, abar_s = float(sched.alpha_bar[t]), float(sched.alpha_bar[s])
+    a = (abar_s / abar_t) ** 0.5
+    b = (1 - abar_s) ** 0.5 - (abar_s * (1 - abar_t) / abar_t) ** 0.5
+    if inverse:
+        return bias_t + (z - bias_s - b * eps_hat) / a
+    return bias_s + a * (z - bias_t) + b * eps_hat
+
+
+def edict_step(sched: Schedule, x0_fn: Callable, x: torch.Tensor, y: torch.Tensor, t: int, s: int,
+               adapter=None, cond=None, mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context-aware EDICT denoising step (x_t, y_t) -> (x_s, y_s) (Wallace et al. 2023):
+    each chain takes an Eq. 11 step driven by the other's prediction, then the two are mixed with
+    weight `mix`. With x = y the first half-step is exactly Eq. 11; with r = 0 it is EDICT."""
+    x_inter = _edict_transfer(sched, x0_fn, x, y, t, s, adapter, cond, inverse=False)
+    y_inter = _edict_transfer(sched, x0_fn, y, x_inter, t, s, adapter, cond, inverse=False)
+    x_s = mix * x_inter + (1 - mix) * y_inter
+    return x_s, mix * y_inter + (1 - mix) * x_s
+
+
+def edict_invert_step(sched: Schedule, x0_fn: Callable, x: torch.Tensor, y: torch.Tensor, s: int, t: int,
+                      adapter=None, cond=None, mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact inverse of `edict_step`: (x_s, y_s) -> (x_t, y_t), undoing its four lines in reverse."""
+    y_inter = (y - (1 - mix) * x) / mix
+    x_inter = (x - (1 - mix) * y_inter) / mix
+    y_t = _edict_transfer(sched, x0_fn, y_inter, x_inter, t, s, adapter, cond, inverse=True)
+    return _edict_transfer(sched, x0_fn, x_inter, y_t, t, s, adapter, cond, inverse=True), y_t
+
+
+@torch.no_grad()
+def invert_edict(x0_fn: Callable, x_0: torch.Tensor, timesteps: list[int], sched: Schedule, *,
+                 adapter=None, cond=None, mix: float = EDICT_MIX, callback=None,
+                 progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Context-aware EDICT inversion (exact: `sample_edict` along the reversed list returns x_0 up to
+    rounding, for any denoiser and adapter) along increasing `timesteps` [0, t_1, ..., t_N].
+
+    Unlike `invert_ddim` it starts from the data itself at t = 0 (both chains x = y = x_0). Returns the
+    pairs [(x, y) at 0, t_1, ..., t_N]; two denoiser calls per step, both at the upper step."""
+    if timesteps[0] != 0:
+        raise ValueError("EDICT inversion starts from the data at t = 0")
+    x, y = x_start = (x_0, x_0.clone())
+    trajectory = [x_start]
+    for i, (s, t) in enumerate(pairwise(timesteps)):
+        x, y = edict_invert_step(sched, x0_fn, x, y, s, t, adapter, cond, mix)
+        trajectory.append((x, y))
+        _report(callback, progress, step=i, t=t, x=x, x0_hat=None)
+    return trajectory
+
+
+@torch.no_grad()
+def sample_edict(x0_fn: Callable, x_T: tuple[torch.Tensor, torch.Tensor], timesteps: list[int], sched: Schedule, *,
+                 adapter=None, cond=None, mix: float = EDICT_MIX, callback=None,
+                 progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context-aware EDICT sampling from the pair x_T = (x, y) along decreasing `timesteps` ending at 0;
+    returns (x_0, y_0). From an `invert_edict` pair under the same x0_fn it reproduces the data."""
+    x, y = x_T
+    for i, (t, s) in enumerate(pairwise(timesteps)):
+        x, y = edict_step(sched, x0_fn, x, y, t, s, adapter, cond, mix)
+        _report(callback, progress, step=i, t=t, x=x, x0_hat=None)
+    return x, y
 
 
 def _batch(t: int, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ import torch
 
 from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image
 from ctxdiff.data.video import FRAME_FOLDER_FPS, Video, read_video
-from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim, timesteps_for
+from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim
+from ctxdiff.diffusion.samplers import invert_edict, inversion_timesteps, sample_edict
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.inversion import Inversion, InversionParams
 from ctxdiff.models.latent.text import EOT_ID
@@ -34,6 +35,15 @@ from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecor
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 
 CROSS_MODES = ("replace", "refine")
+CHAIN_DTYPE = torch.float64   # EDICT's chains: its steps divide by p and sqrt(abar_t), so float32 drifts (~1e-3)
+MODEL_DTYPE = torch.float32   # what `to_model` gives and the denoisers and adapters read
+
+
+def _called_in(fn, dtype: torch.dtype):
+    """fn(x, cond, t) called with x in the networks' `dtype`, answering in EDICT's CHAIN_DTYPE."""
+    if fn is None:
+        return None
+    return lambda x, cond, t: fn(x.to(dtype), cond, t).to(CHAIN_DTYPE)
 
 
 def read_source(path: str | Path, frames: int, stride: int, start: int, size: int) -> Video:
@@ -48,22 +58,50 @@ def read_source(path: str | Path, frames: int, stride: int, start: int, size: in
 @torch.no_grad()
 def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: InversionParams,
                  progress=None) -> Inversion:
-    """Invert `video` (frames at the model's size) under `prompt`, without guidance."""
+    """Invert `video` (frames at the model's size) under `prompt`, without guidance: plain DDIM
+    (the frames taken as x_{t_1}) or EDICT (exact, from the frames at t = 0), up to `params.max_t`."""
     frames = len(video)
     x0 = model.to_model(video.frames)
-    timesteps = timesteps_for(model.sched.T, params.steps, params.spacing)[:-1][::-1]
+    timesteps = inversion_timesteps(model.sched.T, params.steps, params.spacing, params.max_t)
     recorder = AttentionRecorder(model.grid_size, params.attention_on_cpu) if params.attention else None
     x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(recorder, "t", t)) if recorder else None)
     cond = model.encode(prompt, frames)
     use_adapter = params.adapter and model.adapter is not None
+    adapter = model.adapter_fn(frames, use_adapter)
+    partner = None
     with model.unet.controlled(recorder):
-        trajectory = invert_ddim(x0_fn, x0, timesteps, model.sched, adapter=model.adapter_fn(frames, use_adapter),
-                                 cond=cond, refine=params.refine, progress=progress)
+        if params.method == "edict":   # both denoiser calls of a step run at its upper step: maps at t_1..t_N
+            pairs = invert_edict(_called_in(x0_fn, MODEL_DTYPE), x0.to(CHAIN_DTYPE), [0, *timesteps], model.sched,
+                                 adapter=_called_in(adapter, MODEL_DTYPE), cond=cond, mix=params.mix,
+                                 progress=progress)[1:]
+            trajectory, partner = [x for x, _ in pairs], pairs[-1][1].cpu()
+        else:
+            trajectory = invert_ddim(x0_fn, x0, timesteps, model.sched, adapter=adapter, cond=cond,
+                                     refine=params.refine, progress=progress)
         if recorder is not None and not recorder.has_step(timesteps[-1]):
             x0_fn(trajectory[-1], cond, torch.full((frames,), timesteps[-1], device=model.device))
     return Inversion(torch.stack(trajectory).cpu(), timesteps, video.frames, video.fps, prompt,
                      InversionParams(**{**asdict(params), "adapter": use_adapter}), model.base, model.tuned,
-                     str(Path(video.source).resolve()), recorder.maps if recorder is not None else None)
+                     str(Path(video.source).resolve()), recorder.maps if recorder is not None else None, partner)
+
+
+def inversion_calls(params: InversionParams) -> int:
+    """Denoiser calls (progress-bar steps) of an inversion with `params`, and of each sampling pass back."""
+    steps = params.steps if params.max_t is None else min(params.steps, params.max_t)
+    return 2 * steps if params.method == "edict" else (steps - 1) * (1 + params.refine)
+
+
+def sample_back(model: VideoDenoiser, inversion: Inversion, x0_fn, cond, adapter, progress=None,
+                callback=None) -> torch.Tensor:
+    """Run the inversion's own sampler (Eq. 11, or EDICT's coupled chains) from its top step to t = 0."""
+    start = inversion.start(model.device)
+    if inversion.params.method == "edict":
+        start = tuple(z.to(CHAIN_DTYPE) for z in start)
+        return sample_edict(_called_in(x0_fn, MODEL_DTYPE), start, inversion.sampling_steps, model.sched,
+                            adapter=_called_in(adapter, MODEL_DTYPE), cond=cond, mix=inversion.params.mix, progress=progress,
+                            callback=callback)[0]
+    return sample_ddim(x0_fn, start, inversion.sampling_steps, model.sched, adapter=adapter, cond=cond,
+                       progress=progress, callback=callback)
 
 
 def check_inversion(model: VideoDenoiser, inversion: Inversion, name: str) -> None:
@@ -89,14 +127,13 @@ class Reconstruction:
 @torch.no_grad()
 def reconstruct(model: VideoDenoiser, inversion: Inversion, progress=None) -> Reconstruction:
     frames = len(inversion.frames)
-    descending = inversion.timesteps[::-1] + [0]
+    descending = inversion.sampling_steps
     states: dict[int, torch.Tensor] = {}
-    x = sample_ddim(model.x0_fn(frames), inversion.trajectory[-1].to(model.device), descending, model.sched,
-                    adapter=model.adapter_fn(frames, inversion.params.adapter),
-                    cond=model.encode(inversion.prompt, frames), progress=progress,
+    x = sample_back(model, inversion, model.x0_fn(frames), model.encode(inversion.prompt, frames),
+                    model.adapter_fn(frames, inversion.params.adapter), progress=progress,
                     callback=lambda step, x, **_: states.__setitem__(step + 1, x))
     at_t1 = states.get(len(descending) - 2, inversion.trajectory[-1].to(model.device))
-    out = model.to_frames(x)
+    out = model.to_frames(x.float())
     diff = out.astype(np.float64) - inversion.frames
     mse = float(np.mean(diff ** 2))
     return Reconstruction(out, float((at_t1.cpu() - inversion.trajectory[0]).abs().mean()), float(np.abs(diff).mean()),
@@ -168,7 +205,7 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
         raise CtxdiffError(f"the inversion was made {'with' if inversion.params.adapter else 'without'} the adapter; "
                            "edit with the same adapter setting (--no-adapter), or invert again")
     frames = len(inversion.frames)
-    descending = inversion.timesteps[::-1] + [0]
+    descending = inversion.sampling_steps
     cond = model.encode(target, frames)
     editor, mode, fraction, notes = None, None, None, []
     if params.fusion:
@@ -189,6 +226,5 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
     x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None)
     guided = classifier_free_guidance(x0_fn, model.text([""]), params.guidance)
     with model.unet.controlled(editor):
-        x = sample_ddim(guided, inversion.trajectory[-1].to(model.device), descending, model.sched,
-                        adapter=model.adapter_fn(frames, use_adapter), cond=cond, progress=progress)
-    return EditResult(model.to_frames(x), mode, fraction, notes)
+        x = sample_back(model, inversion, guided, cond, model.adapter_fn(frames, use_adapter), progress=progress)
+    return EditResult(model.to_frames(x.float()), mode, fraction, notes)
