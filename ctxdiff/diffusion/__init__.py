@@ -22,10 +22,23 @@ from ctxdiff.diffusion.samplers import (
     timesteps_for,
 )
 from ctxdiff.diffusion.schedule import Schedule, make_schedule
+from ctxdiff.diffusion.solvers import (
+    SOLVERS,
+    karras_sigmas,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_solver,
+    sample_unipc,
+    solver_grid,
+)
 
 __all__ = [
-    "BitsPerDim", "Schedule", "classifier_free_guidance", "context_bias", "ddim_invert_step", "ddim_step",
-    "ddpm_step", "diffusion_loss", "invert_ddim", "loss_weights", "make_schedule", "predicted_noise",
-    "q_posterior", "q_sample", "q_transition", "sample_ddim", "sample_ddpm", "sample_timesteps", "timesteps_for",
-    "variational_bound",
+    "BitsPerDim", "SOLVERS", "Schedule", "classifier_free_guidance", "context_bias", "ddim_invert_step", "ddim_step",
+    "ddpm_step", "diffusion_loss", "invert_ddim", "karras_sigmas", "loss_weights", "make_schedule",
+    "predicted_noise", "q_posterior", "q_sample", "q_transition", "sample_ddim", "sample_ddpm",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler", "sample_euler_ancestral", "sample_heun",
+    "sample_solver", "sample_timesteps", "sample_unipc", "solver_grid", "timesteps_for", "variational_bound",
 ]

@@ -8,6 +8,7 @@ user passes.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 from ctxdiff.checkpoints import load_module_state, load_training_state
 from ctxdiff.diffusion import classifier_free_guidance, make_schedule, sample_ddim, sample_ddpm, timesteps_for
 from ctxdiff.diffusion.schedule import Schedule
+from ctxdiff.diffusion.solvers import SOLVERS, sample_solver
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.formats.t2i import T2IFile
 from ctxdiff.models.adapter import ContextAdapter, build_adapter
@@ -121,7 +123,9 @@ class Text2Image:
 
 def run_sampler(params: SampleConfig, x0_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: int,
                 adapter: ContextAdapter | None, cond: TextCondition, generators, progress=None) -> torch.Tensor:
-    """`params.sampler` (DDIM, Eq. 9/11, or DDPM, Eq. 7) over `steps` steps of `sched`, from x_T."""
+    """`params.sampler` over `steps` steps of `sched`, from x_T: DDIM (Eq. 9/11), DDPM (Eq. 7), or a
+    context-aware solver of ctxdiff.diffusion.solvers (dpmpp-2m, dpmpp-2m-sde, euler, euler-a, heun,
+    unipc; a "-karras" suffix selects Karras sigmas). `params.eta` applies to DDIM only."""
     timesteps = timesteps_for(sched.T, steps, params.spacing)
     if params.sampler == "ddim":
         return sample_ddim(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond, eta=params.eta,
@@ -129,7 +133,15 @@ def run_sampler(params: SampleConfig, x0_fn: Callable, x_T: torch.Tensor, sched:
     if params.sampler == "ddpm":
         return sample_ddpm(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond,
                            generator=generators, progress=progress)
-    raise UsageError(f"unknown sampler {params.sampler!r}; choose ddim or ddpm")
+    karras = params.sampler.endswith("-karras")
+    name = params.sampler.removesuffix("-karras")
+    if name not in SOLVERS:
+        choices = ("ddim", "ddpm", *SOLVERS, *(f"{s}-karras" for s in SOLVERS))
+        close = difflib.get_close_matches(params.sampler, choices, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(f"unknown sampler {params.sampler!r}; {hint}choose one of {', '.join(choices)}")
+    return sample_solver(name, x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond, karras=karras,
+                         generator=generators, progress=progress)
 
 
 def finite_images(images: torch.Tensor, params: SampleConfig) -> torch.Tensor:
