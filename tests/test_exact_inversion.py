@@ -3,7 +3,6 @@ and adapter, reduces to Wallace et al.'s EDICT with r = 0 and to Eq. 11 when its
 the video pipeline's reconstruction through it returns the source clip."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +14,9 @@ from ctxdiff.diffusion.samplers import (edict_invert_step, edict_step, highest_i
                                         inversion_timesteps, sample_edict)
 from ctxdiff.diffusion.schedule import make_schedule
 from ctxdiff.formats.inversion import InversionParams, load_inversion, save_inversion
-from ctxdiff.formats.t2i import save_t2i_bundle
-from ctxdiff.models.adapter import ADAPTER_PRESETS, build_adapter
-from ctxdiff.models.encoders import ClipConfig, load_clip
-from ctxdiff.models.stage import Stage
-from ctxdiff.models.unet import UNET_PRESETS, UNet
-from ctxdiff.pipelines.video_edit import invert_video, reconstruct
-from ctxdiff.pipelines.video_model import VideoModel
-from ctxdiff.recipes import DiffusionConfig
+from ctxdiff.pipelines.video_edit import invert_video, reconstruct, sample_back
 from ctxdiff.shapes.world import moving_shape_video
+from tiny_video import tiny_video_model
 
 T = 1000
 SRC = "a red circle moving to the right"
@@ -109,20 +102,6 @@ def test_inversion_steps_stop_where_the_signal_is_kept(sched):
         inversion_timesteps(T, 20, "trailing", T + 1)
 
 
-def tiny_video_model(folder: Path) -> VideoModel:
-    """An untrained 16x16 model (tiny CLIP, U-Net, CLIP-branch adapter), weights perturbed: any weights."""
-    torch.manual_seed(0)
-    clip = load_clip(ClipConfig(arch="tiny-clip"))
-    unet = UNet(replace(UNET_PRESETS["tiny"], image_size=16, timesteps=100))
-    adapter = build_adapter(replace(ADAPTER_PRESETS["tiny"], x_shape=(3, 16, 16), patch_size=4, timesteps=100), clip)
-    with torch.no_grad():
-        for p in [*unet.parameters(), *adapter.parameters()]:
-            p.add_(0.05 * torch.randn_like(p))
-    path = save_t2i_bundle(folder / "tiny.safetensors", clip, {"": Stage(unet, adapter)},
-                           {"diffusion": DiffusionConfig(schedule="cosine", timesteps=100)})
-    return VideoModel.load(path)
-
-
 def test_a_tiny_video_model_reconstructs_its_clip_exactly_through_edict(tmp_path):
     """Invert and sample back through the pipeline (adapter on, inflated U-Net): the frames come back
     to 1e-4 in the model's units, and the inversion file keeps both chains."""
@@ -137,7 +116,6 @@ def test_a_tiny_video_model_reconstructs_its_clip_exactly_through_edict(tmp_path
     x0 = model.to_model(video.frames)
     x_back = reconstruct(model, inversion)
     assert x_back.psnr == float("inf") and x_back.latent_error < 1e-4
-    from ctxdiff.pipelines.video_edit import sample_back
     x = sample_back(model, inversion, model.x0_fn(frames), model.encode(SRC, frames), model.adapter_fn(frames))
     assert (x - x0).abs().max() < 1e-4
     plain = reconstruct(model, invert_video(model, video, SRC, replace(params, method="ddim")))

@@ -29,6 +29,7 @@ from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim
 from ctxdiff.diffusion.samplers import invert_edict, inversion_timesteps, sample_edict
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.inversion import Inversion, InversionParams
+from ctxdiff.metrics.fidelity import psnr, ssim
 from ctxdiff.models.latent.text import EOT_ID
 from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
                                                  blend_mask)
@@ -121,7 +122,8 @@ class Reconstruction:
     frames: np.ndarray
     latent_error: float    # mean |x_{t_1} sampled back - source x_{t_1}| in the denoiser's units
     pixel_error: float     # mean |output - source| in 0..255
-    psnr: float
+    psnr: float            # dB against the source (inf: every pixel back)
+    ssim: float
 
 
 @torch.no_grad()
@@ -135,9 +137,8 @@ def reconstruct(model: VideoDenoiser, inversion: Inversion, progress=None) -> Re
     at_t1 = states.get(len(descending) - 2, inversion.trajectory[-1].to(model.device))
     out = model.to_frames(x.float())
     diff = out.astype(np.float64) - inversion.frames
-    mse = float(np.mean(diff ** 2))
     return Reconstruction(out, float((at_t1.cpu() - inversion.trajectory[0]).abs().mean()), float(np.abs(diff).mean()),
-                          float(10 * np.log10(255.0 ** 2 / mse)) if mse > 0 else float("inf"))
+                          psnr(out, inversion.frames), ssim(out, inversion.frames))
 
 
 @dataclass(frozen=True)
@@ -166,20 +167,37 @@ class EditResult:
     cross_mode: str | None         # the mode used (None without fusion)
     blend_fraction: float | None   # share of pixels the blend mask keeps for editing
     notes: list[str] = field(default_factory=list)
+    edited_region: np.ndarray | None = None   # bool [F, H, W]: the blend mask at the frames' size (None: none)
 
 
-def edit_scores(model: VideoDenoiser, frames: np.ndarray, prompt: str) -> dict:
+def edit_scores(model: VideoDenoiser, frames: np.ndarray, prompt: str, source: np.ndarray | None = None,
+                edited_region: np.ndarray | None = None) -> dict:
     """Text alignment with `prompt` and, for two frames or more, temporal consistency (both pairings),
-    on the model's CLIP (metrics/video.py); only the frame count for a model without one."""
+    on the model's CLIP (metrics/video.py; left out for a model without one); with the `source` frames
+    (same size), PSNR and SSIM against them, within the pixels outside `edited_region` too
+    ("psnr_kept", "ssim_kept"), and the warp error by the source's flow (metrics/fidelity.py)."""
     from ctxdiff.metrics.clip_score import embed_images, embed_prompts
+    from ctxdiff.metrics.fidelity import fidelity_scores
     from ctxdiff.metrics.video import text_alignment, video_scores
 
-    if model.clip is None:
-        return {"frames": len(frames)}
-    if len(frames) >= 2:
-        return video_scores(model.clip, frames, prompt)
-    return {"frames": 1, "text_alignment": text_alignment(embed_images(model.clip, list(frames)),
-                                                          embed_prompts(model.clip, [prompt])[0])}
+    record: dict = {"frames": len(frames)}
+    if model.clip is not None and len(frames) >= 2:
+        record = video_scores(model.clip, frames, prompt)
+    elif model.clip is not None:
+        record["text_alignment"] = text_alignment(embed_images(model.clip, list(frames)),
+                                                  embed_prompts(model.clip, [prompt])[0])
+    if source is not None:
+        keep = None if edited_region is None else ~np.asarray(edited_region, dtype=bool)
+        record.update(fidelity_scores(frames, source, keep))
+    return record
+
+
+def region_at(mask: torch.Tensor | None, height: int, width: int) -> np.ndarray | None:
+    """A blend mask [F, S, S] (bool) at the frames' size [F, height, width] (nearest)."""
+    if mask is None:
+        return None
+    grid = torch.nn.functional.interpolate(mask[:, None].float().cpu(), size=(height, width), mode="nearest")
+    return grid[:, 0].numpy() > 0.5
 
 
 def token_ids(model: VideoDenoiser, prompt: str) -> list[int]:
@@ -207,7 +225,7 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
     frames = len(inversion.frames)
     descending = inversion.sampling_steps
     cond = model.encode(target, frames)
-    editor, mode, fraction, notes = None, None, None, []
+    editor, mode, fraction, notes, mask = None, None, None, [], None
     if params.fusion:
         if not inversion.attention:
             raise CtxdiffError("this inversion holds no attention maps; invert with --attention, or edit with "
@@ -227,4 +245,5 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
     guided = classifier_free_guidance(x0_fn, model.text([""]), params.guidance)
     with model.unet.controlled(editor):
         x = sample_back(model, inversion, guided, cond, model.adapter_fn(frames, use_adapter), progress=progress)
-    return EditResult(model.to_frames(x.float()), mode, fraction, notes)
+    out = model.to_frames(x.float())
+    return EditResult(out, mode, fraction, notes, region_at(mask, *out.shape[1:3]))
