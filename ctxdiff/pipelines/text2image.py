@@ -26,7 +26,8 @@ from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipEncoders, load_clip
 from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNet
-from ctxdiff.pipelines.lowres import noise_augment, upsample
+from ctxdiff.pipelines.init_image import InitImage, mask_for, prepare, start_timesteps
+from ctxdiff.pipelines.lowres import downsample, noise_augment, upsample
 from ctxdiff.recipes import DiffusionConfig, SampleConfig
 
 
@@ -81,18 +82,30 @@ class Text2Image:
         return self.clip.encode_text(prompts)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], params: SampleConfig, progress=None) -> torch.Tensor:
+    def sample(self, prompts: list[str], seeds: list[int], params: SampleConfig, progress=None, *,
+               negative: list[str] | str | None = None, init: InitImage | None = None) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W], one per (prompt, seed); each image depends only on its
-        own prompt, seed and `params`, not on the batch it is made in."""
+        own prompt, seed and `params`, not on the batch it is made in.
+
+        `negative`: the unconditional branch's text per prompt (one for all, or None: "", today's sampling bit
+        for bit); the adapter keeps the prompt. `init`: img2img / inpainting (ctxdiff/pipelines/init_image.py),
+        resized to the model's size with a warning; each stage blends at its own size."""
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         cond = self.encode(prompts)
-        uncond = self.encode([""])
+        negative = negative_prompts(negative, prompts)
+        uncond = self.encode(negative) if any(negative) else self.encode([""])
         base_size = self.base.unet.config.image_size
         channels = self.base.unet.config.in_channels
+        if init is not None:
+            init = init.resized((self.image_size, self.image_size)).for_batch(len(prompts), self.device)
+        base_init = None if init is None else InitImage(
+            downsample(init.images, base_size), init.strength,
+            None if init.mask is None else mask_for(init.mask, (base_size, base_size)))
         x_T = seeded_noise([channels, base_size, base_size], generators, self.device)
-        images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress)
+        images = self._run_stage(self.base, x_T, cond, uncond, params, params.steps, generators, progress,
+                                 init=base_init)
         if self.sr is not None:
             size = self.sr.unet.config.image_size
             lowres = upsample(images, size)
@@ -103,14 +116,17 @@ class Text2Image:
             lowres = noise_augment(lowres, level, seeded_noise(list(lowres.shape[1:]), generators, self.device))
             x_T = seeded_noise([channels, size, size], generators, self.device)
             images = self._run_stage(self.sr, x_T, cond, uncond, params, params.sr_steps, generators, progress,
-                                     lowres=lowres, lowres_t=level)
+                                     lowres=lowres, lowres_t=level, init=init)
         return finite_images(images, params)
 
     def _run_stage(self, stage: Stage, x_T, cond, uncond, params: SampleConfig, steps: int, generators,
-                   progress, lowres=None, lowres_t=None) -> torch.Tensor:
+                   progress, lowres=None, lowres_t=None, init: InitImage | None = None) -> torch.Tensor:
         x0_fn = classifier_free_guidance(stage.x0_fn(lowres, lowres_t), uncond, params.guidance)
-        return run_sampler(params, x0_fn, x_T, self.sched, steps, stage.adapter if params.adapter else None, cond,
-                           generators, progress)
+        adapter = stage.adapter if params.adapter else None
+        start = None
+        if init is not None:  # img2img / inpainting at this stage's size (Eq. 1 of the init)
+            x0_fn, x_T, start = prepare(x0_fn, x_T, self.sched, init.images, init.strength, init.mask, adapter, cond)
+        return run_sampler(params, x0_fn, x_T, self.sched, steps, adapter, cond, generators, progress, start=start)
 
     @property
     def has_adapter(self) -> bool:
@@ -122,11 +138,18 @@ class Text2Image:
 
 
 def run_sampler(params: SampleConfig, x0_fn: Callable, x_T: torch.Tensor, sched: Schedule, steps: int,
-                adapter: ContextAdapter | None, cond: TextCondition, generators, progress=None) -> torch.Tensor:
+                adapter: ContextAdapter | None, cond: TextCondition, generators, progress=None,
+                start: int | None = None) -> torch.Tensor:
     """`params.sampler` over `steps` steps of `sched`, from x_T: DDIM (Eq. 9/11), DDPM (Eq. 7), or a
     context-aware solver of ctxdiff.diffusion.solvers (dpmpp-2m, dpmpp-2m-sde, euler, euler-a, heun,
     unipc; a "-karras" suffix selects Karras sigmas). `params.eta` applies to DDIM only."""
     timesteps = timesteps_for(sched.T, steps, params.spacing)
+    if start is not None:  # img2img: from paper step `start`, the grid's steps below it
+        if params.sampler.endswith("-karras") and start < sched.T:
+            raise UsageError(f"{params.sampler} places its Karras sigmas over the whole range, so it cannot start "
+                             f"an init image at step {start} of {sched.T}; use {params.sampler.removesuffix('-karras')}"
+                             " or strength 1")
+        timesteps = start_timesteps(timesteps, start)
     if params.sampler == "ddim":
         return sample_ddim(x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond, eta=params.eta,
                            generator=generators, progress=progress)
@@ -142,6 +165,18 @@ def run_sampler(params: SampleConfig, x0_fn: Callable, x_T: torch.Tensor, sched:
         raise UsageError(f"unknown sampler {params.sampler!r}; {hint}choose one of {', '.join(choices)}")
     return sample_solver(name, x0_fn, x_T, timesteps, sched, adapter=adapter, cond=cond, karras=karras,
                          generator=generators, progress=progress)
+
+
+def negative_prompts(negative: list[str] | str | None, prompts: list[str]) -> list[str]:
+    """One negative prompt per prompt: None gives "" (no negative), a string or a list of one serves all."""
+    if negative is None:
+        return [""] * len(prompts)
+    negative = [negative] if isinstance(negative, str) else list(negative)
+    if len(negative) == 1:
+        return negative * len(prompts)
+    if len(negative) != len(prompts):
+        raise UsageError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
+    return negative
 
 
 def finite_images(images: torch.Tensor, params: SampleConfig) -> torch.Tensor:
