@@ -100,7 +100,7 @@ class Text2Image:
         channels = self.base.unet.config.in_channels
         if init is not None:
             init = init.resized((self.image_size, self.image_size)).for_batch(len(prompts), self.device)
-        base_init = None if init is None else InitImage(
+        base_init = init if init is None or base_size == self.image_size else InitImage(
             downsample(init.images, base_size), init.strength,
             None if init.mask is None else mask_for(init.mask, (base_size, base_size)))
         x_T = seeded_noise([channels, base_size, base_size], generators, self.device)
