@@ -427,3 +427,30 @@ def test_zz_print_parity_table():
         print("\nr = 0 parity with diffusers (max abs difference, VP scale):")
         for case, diff in PARITY.items():
             print(f"  {case:26s} {diff:.1e}")
+
+
+def test_the_sd_wrapper_reads_fractional_steps_as_the_solvers_do():
+    """Euler/Heun on Karras sigmas call the network between grid steps: the SD wrapper then reads
+    abar at sigma_at(t) and gives the U-Net the fractional diffusers timestep t - 1."""
+    from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
+    from ctxdiff.diffusion.solvers import sigma_at
+    from ctxdiff.models.latent import EpsToX0
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+    taus = []
+
+    class Unet(torch.nn.Module):
+        def forward(self, x, tau, context):
+            taus.append(tau)
+            return torch.full_like(x, 0.3)
+
+    x0_fn = EpsToX0(Unet(), abar, "epsilon")
+    x = torch.ones(1, 4, 2, 2, dtype=torch.float64)
+    sched = schedule_from_alpha_bar(abar, "scaled_linear")
+    for t in (500.0, 500.25, 731.9):
+        a = 1 / (1 + sigma_at(sched, t) ** 2)
+        expected = (1 - (1 - a) ** 0.5 * 0.3) / a ** 0.5
+        got = x0_fn(x, torch.zeros(1, 3, 8), torch.tensor([t], dtype=torch.float64))
+        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-10)
+        assert float(taus[-1][0]) == pytest.approx(t - 1)

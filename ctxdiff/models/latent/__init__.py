@@ -30,7 +30,9 @@ class EpsToX0(nn.Module):
 
     Timesteps: `t` is the paper step in 1..T (a number or [B]); the U-Net is called with the
     diffusers timestep tau = t - 1. `alphas_cumprod` is paper-indexed, [T + 1] with abar_0 = 1
-    (`SchedulerInfo.alphas_cumprod()`).
+    (`SchedulerInfo.alphas_cumprod()`). A fractional t (Euler and Heun on Karras sigmas) reads
+    abar with log sigma linear between the two steps around it, as `diffusion.solvers.sigma_at`
+    does, and gives the U-Net the fractional tau (diffusers' Euler schedulers do the same).
 
         epsilon:       x0_hat = (x_t - sqrt(1 - abar_t) out) / sqrt(abar_t)
         v_prediction:  x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) out
@@ -61,16 +63,30 @@ class EpsToX0(nn.Module):
         self.abar = abar  # float64 on the CPU on purpose: not a buffer, so .half() cannot round it
 
     def forward(self, x_t: torch.Tensor, cond: TextCondition | torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        t = torch.as_tensor(t).cpu().long()
+        t = torch.as_tensor(t).cpu()
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        if bool(((t < 1) | (t >= self.abar.shape[0])).any()):
+        if bool(((t < 1) | (t > self.abar.shape[0] - 1)).any()):
             raise ValueError(f"paper steps must lie in 1..{self.abar.shape[0] - 1}, got {t.tolist()}")
-        abar = self.abar[t].view(-1, *[1] * (x_t.ndim - 1))
+        if t.is_floating_point() and bool((t != t.round()).any()):
+            abar = self._abar_between(t.double())
+        else:
+            t = t.round().long()
+            abar = self.abar[t]
+        abar = abar.view(-1, *[1] * (x_t.ndim - 1))
         context = cond.tokens if isinstance(cond, TextCondition) else cond
         weight = next(self.unet.parameters(), None) if isinstance(self.unet, nn.Module) else None
         dtype = x_t.dtype if weight is None else weight.dtype
         out = self.unet(x_t.to(dtype), (t - 1).to(x_t.device), context.to(dtype))
         return x0_from_output(self.prediction_type, out, x_t, abar)
+
+    def _abar_between(self, t: torch.Tensor) -> torch.Tensor:
+        """abar at fractional paper steps: log sigma (sigma^2 = (1 - abar) / abar) linear in t."""
+        log_sigma = 0.5 * torch.log((1 - self.abar[1:]) / self.abar[1:])      # steps 1..T
+        low = t.floor().long().clamp(1, len(log_sigma))
+        high = (low + 1).clamp(max=len(log_sigma))
+        w = t - low
+        mixed = (1 - w) * log_sigma[low - 1] + w * log_sigma[high - 1]
+        return 1 / (1 + torch.exp(2 * mixed))
 
 
 def as_x0_predictor(unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str) -> EpsToX0:
