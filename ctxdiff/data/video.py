@@ -27,24 +27,106 @@ WRITABLE = (".mp4", ".webm", ".gif", "a folder (a path without suffix)")
 
 @dataclass
 class Video:
-    """frames: uint8 [F, H, W, 3] RGB; fps: the rate of these frames (source fps / stride)."""
+    """frames: uint8 [F, H, W, 3] RGB; fps: the rate of these frames (source fps / stride); `start_s`,
+    `duration_s`: the span of the source they cover, in seconds (for its audio)."""
 
     frames: np.ndarray
     fps: float
     source: Path
+    start_s: float = 0.0
+    duration_s: float | None = None
 
     def __len__(self) -> int:
         return self.frames.shape[0]
 
 
+@dataclass(frozen=True)
+class FrameFit:
+    """How frames of `height` x `width` become the model's `side` x `side` input and come back.
+
+    Letterbox (the default): scaled to fit, the bars filled by repeating the edge pixels (no hard
+    border for the model to draw), and cut away again on the way back, so nothing of the frame is lost.
+    `crop`: the centred square of side min(height, width) only, and the output is that square.
+    On the way back frames are resized to the output size; with `detail` the model's *change* is
+    resized and added to the source frames instead (`to_source`), so what an edit leaves alone keeps
+    the source's full resolution and a reconstruction is the source itself."""
+
+    height: int
+    width: int
+    side: int
+    crop: bool = False
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the frames `to_source` returns."""
+        s = min(self.height, self.width)
+        return (s, s) if self.crop else (self.height, self.width)
+
+    def _box(self) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the picture inside the model's square (letterbox)."""
+        scale = self.side / max(self.height, self.width)
+        h, w = max(1, round(self.height * scale)), max(1, round(self.width * scale))
+        return (self.side - h) // 2, (self.side - w) // 2, h, w
+
+    def _region(self, frames: np.ndarray) -> np.ndarray:
+        """The part of source frames the output shows (all of it, or the centred square)."""
+        if not self.crop:
+            return frames
+        s = min(self.height, self.width)
+        top, left = (self.height - s) // 2, (self.width - s) // 2
+        return frames[:, top:top + s, left:left + s]
+
+    def to_model(self, frames: np.ndarray) -> np.ndarray:
+        """Source frames [F, height, width, 3] -> the model's [F, side, side, 3]."""
+        region = self._region(frames)
+        if self.crop:
+            return np.stack([_resize(f, self.side, self.side) for f in region])
+        top, left, h, w = self._box()
+        pad = ((top, self.side - h - top), (left, self.side - w - left), (0, 0))
+        return np.stack([np.pad(_resize(f, h, w), pad, mode="edge") for f in region])
+
+    def to_source(self, frames: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
+        """The model's frames [F, side, side, 3] -> [F, *output_size, 3]; with the `source` frames
+        (detail): source + resize(frames - to_model(source)), clipped to 0..255."""
+        out_h, out_w = self.output_size
+        if self.crop:
+            inner = frames
+        else:
+            top, left, h, w = self._box()
+            inner = frames[:, top:top + h, left:left + w]
+        if source is None:
+            return np.stack([_resize(f, out_h, out_w) for f in inner])
+        seen = self.to_model(source)
+        if not self.crop:
+            seen = seen[:, top:top + h, left:left + w]
+        change = inner.astype(np.float32) - seen.astype(np.float32)
+        grown = np.stack([np.stack([_resize_float(c[..., k], out_h, out_w) for k in range(3)], -1) for c in change])
+        return np.clip(np.rint(self._region(source).astype(np.float32) + grown), 0, 255).astype(np.uint8)
+
+
+def _resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    if frame.shape[:2] == (height, width):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def _resize_float(channel: np.ndarray, height: int, width: int) -> np.ndarray:
+    if channel.shape == (height, width):
+        return channel
+    return np.asarray(Image.fromarray(channel.astype(np.float32), mode="F").resize((width, height),
+                                                                                   Image.Resampling.BICUBIC))
+
+
 def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, stride: int = 1,
                size: int | tuple[int, int] | None = None,
-               resize_mode: Literal["crop", "pad"] = "crop") -> Video:
+               resize_mode: Literal["crop", "pad"] = "crop", max_bytes: int | None = None) -> Video:
     """Read frames start, start + stride, ... (`num_frames` of them, or all to the end).
 
     `size`: an int (a square) or (height, width); the aspect ratio is kept by a centre crop
     ("crop") or by black bars ("pad"). A folder of frames reads its images in sorted order, at
-    the fps of its sidecar `<folder>.json` when there is one, else FRAME_FOLDER_FPS.
+    the fps of its sidecar `<folder>.json` when there is one, else FRAME_FOLDER_FPS. The decoded
+    frames may take at most `max_bytes` (default: half the memory available now); a longer clip is
+    an error that says how to take part of it.
     """
     if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
         raise UsageError(f"cannot take {num_frames} frames from frame {start} every {stride}; "
@@ -53,10 +135,12 @@ def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, 
         raise UsageError(f"resize mode {resize_mode!r} is not one of: crop, pad")
     path = Path(path)
     target = (size, size) if isinstance(size, int) else size
+    budget = FrameBudget(path, max_bytes if max_bytes is not None else available_memory() // 2)
     if path.is_dir():
         frames, total, source_fps = _read_frame_folder(path, start, stride, num_frames)
+        budget.add(*frames)
     elif path.is_file():
-        frames, total, source_fps = _decode_file(path, start, stride, num_frames)
+        frames, total, source_fps = _decode_file(path, start, stride, num_frames, budget)
     else:
         raise CtxdiffError(f"{path}: no such video file or folder of frames")
     if not frames:
@@ -69,13 +153,45 @@ def read_video(path: str | Path, num_frames: int | None = None, start: int = 0, 
                            f"every {stride} need {needed}; ask for fewer frames or a smaller stride")
     if target is not None:
         frames = [fit_image(f, target, resize_mode) for f in frames]
-    return Video(np.stack(frames), source_fps / stride, path)
+    return Video(np.stack(frames), source_fps / stride, path, start / source_fps, len(frames) * stride / source_fps)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float, metadata: dict | None = None) -> Path:
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable; 8 GiB where /proc/meminfo cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class FrameBudget:
+    """Counts decoded bytes and refuses past `limit` with a message naming --frames and --stride."""
+
+    def __init__(self, path: Path, limit: int):
+        self.path, self.limit, self.used, self.count = path, limit, 0, 0
+
+    def add(self, *frames: np.ndarray) -> None:
+        for frame in frames:
+            self.used += frame.nbytes
+            self.count += 1
+            if self.used > self.limit:
+                h, w = frame.shape[:2]
+                raise CtxdiffError(f"{self.path}: more than {self.count - 1} frames of {w}x{h} do not fit the "
+                                   f"{self.limit / 2**30:.1f} GiB this clip may use; take part of it with --frames "
+                                   "(and --start/--stride)")
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, metadata: dict | None = None,
+                audio_of: Video | None = None) -> Path:
     """Write uint8 [F, H, W, 3] frames; the format comes from the suffix (.mp4: H.264 yuv420p,
     .webm: VP9, .gif, no suffix: a folder of PNG frames). The video is written to a temporary
-    name and moved into place; the sidecar `<path>.json` holds fps, size and `metadata`."""
+    name and moved into place; the sidecar `<path>.json` holds fps, size and `metadata`, and
+    "audio": whether the sound of `audio_of` (a video read from a file: its span of the source's
+    audio track, re-encoded as AAC) went into an mp4."""
     path = Path(path)
     frames = _check_frames(frames)
     if fps <= 0:
@@ -85,11 +201,66 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, metadata: dict
     if suffix not in writers:
         raise CtxdiffError(f"{path}: cannot write '{suffix}' videos; write one of: {', '.join(WRITABLE)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    writers[suffix](path, frames, fps)
+    sound = read_audio(audio_of) if audio_of is not None and suffix == ".mp4" else None
+    if suffix == ".mp4":
+        _write_mp4(path, frames, fps, sound)
+    else:
+        writers[suffix](path, frames, fps)
     count, height, width = frames.shape[:3]
-    record = {"fps": fps, "frames": count, "width": width, "height": height, **(metadata or {})}
+    record = {"fps": fps, "frames": count, "width": width, "height": height, "audio": sound is not None,
+              **(metadata or {})}
     write_json_atomic(sidecar_path(path), record)
     return path
+
+
+@dataclass
+class Audio:
+    """Planar float samples [channels, n] at `rate` Hz in channel `layout` (e.g. "stereo")."""
+
+    samples: np.ndarray
+    rate: int
+    layout: str
+
+
+def read_audio(video: Video) -> Audio | None:
+    """The audio of `video`'s span of its source file (None: no file, no audio track, or no sound in the span)."""
+    import av
+
+    path = Path(video.source)
+    if not path.is_file() or video.duration_s is None:
+        return None
+    chunks = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            rate, layout = stream.rate, stream.layout.name
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+            first = None
+            for frame in container.decode(stream):
+                if first is None:
+                    first = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+    except av.FFmpegError:
+        return None
+    if not chunks:
+        return None
+    samples = np.concatenate(chunks, axis=1)
+    begin = max(0, round((video.start_s - (first or 0.0)) * rate))
+    samples = samples[:, begin:begin + round(video.duration_s * rate)]
+    return Audio(np.ascontiguousarray(samples, dtype=np.float32), rate, layout) if samples.shape[1] else None
+
+
+def _audio_frames(audio: Audio, frame_size: int = 1024) -> Iterator:
+    import av
+
+    for pts in range(0, audio.samples.shape[1], frame_size):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.samples[:, pts:pts + frame_size]),
+                                           format="fltp", layout=audio.layout)
+        frame.sample_rate, frame.pts = audio.rate, pts
+        yield frame
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -151,7 +322,7 @@ def _read_frame_folder(folder: Path, start: int, stride: int, num_frames: int | 
     return frames, len(files), fps
 
 
-def _decode_file(path: Path, start: int, stride: int, num_frames: int | None):
+def _decode_file(path: Path, start: int, stride: int, num_frames: int | None, budget: "FrameBudget"):
     import av
 
     frames: list[np.ndarray] = []
@@ -166,6 +337,7 @@ def _decode_file(path: Path, start: int, stride: int, num_frames: int | None):
             for frame in container.decode(stream):
                 if _wanted(total, start, stride):
                     frames.append(frame.to_ndarray(format="rgb24"))
+                    budget.add(frames[-1])
                 total += 1
                 if num_frames is not None and len(frames) == num_frames:
                     break
@@ -194,7 +366,7 @@ def _even(frames: np.ndarray) -> np.ndarray:
 
 
 def _encode(path: Path, container_format: str, codec: str, pix_fmt: str, fps: float,
-            frames: Iterable, options: dict[str, str], size: tuple[int, int]) -> None:
+            frames: Iterable, options: dict[str, str], size: tuple[int, int], audio: Audio | None = None) -> None:
     import av
 
     def write(tmp: Path) -> None:
@@ -203,6 +375,12 @@ def _encode(path: Path, container_format: str, codec: str, pix_fmt: str, fps: fl
             stream.height, stream.width = size
             stream.pix_fmt = pix_fmt
             stream.options = options
+            if audio is not None:
+                sound = container.add_stream("aac", rate=audio.rate)
+                sound.layout = audio.layout
+                for frame in _audio_frames(audio):
+                    container.mux(sound.encode(frame))
+                container.mux(sound.encode())
             for frame in frames:
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
@@ -216,9 +394,9 @@ def _rgb_frames(frames: np.ndarray) -> Iterator:
     return (av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24") for f in frames)
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+def _write_mp4(path: Path, frames: np.ndarray, fps: float, audio: Audio | None = None) -> None:
     frames = _even(frames)
-    _encode(path, "mp4", "libx264", "yuv420p", fps, _rgb_frames(frames), {"crf": "18"}, frames.shape[1:3])
+    _encode(path, "mp4", "libx264", "yuv420p", fps, _rgb_frames(frames), {"crf": "18"}, frames.shape[1:3], audio)
 
 
 def _write_webm(path: Path, frames: np.ndarray, fps: float) -> None:

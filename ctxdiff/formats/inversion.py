@@ -33,7 +33,9 @@ class InversionParams:
     `spacing`: "trailing" runs t_1 = T/N .. t_N = T; "leading" runs 1 .. T - T/N + 1 (diffusers'
     DDIM for Stable Diffusion). `refine` (ddim only): fixed-point iterations per step; from t_1 = 1
     ("leading") they do not converge (the step divides by sqrt(1 - abar_1)).
-    `benchmarks/video_edit.py inversion` measures the methods side by side."""
+    `benchmarks/video_edit.py inversion` measures the methods side by side. `window`: a clip longer
+    than this runs in windows that all hold its first frame (the sparse-causal anchor) and overlap by
+    2 frames, so memory does not grow with its length; editing uses the inversion's windows."""
 
     steps: int = 20
     spacing: str = "trailing"
@@ -44,6 +46,7 @@ class InversionParams:
     method: str = "ddim"             # "ddim" or "edict" (exact)
     max_t: int | None = None         # the highest step (None: the spacing's own; t = T for trailing)
     mix: float = 0.93                # EDICT's mixing weight p
+    window: int | None = 16          # most frames per denoiser call; longer clips run in overlapping windows
 
     def __post_init__(self) -> None:
         if self.method not in INVERSION_METHODS:
@@ -52,6 +55,8 @@ class InversionParams:
             raise ValueError(f"EDICT's mix must be in (0.5, 1], got {self.mix}")
         if self.method == "edict" and self.refine:
             raise ValueError("refine is for ddim inversion; EDICT is exact without it")
+        if self.window is not None and self.window < 4:
+            raise ValueError(f"window must be >= 4 frames (frame 0, 2 overlap frames, one of its own), got {self.window}")
 
 
 @dataclass

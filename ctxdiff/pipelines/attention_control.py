@@ -16,6 +16,10 @@ During editing `AttentionEditor` fuses them into the sampling run at the same st
 
 The blend mask M is the source prompt's stored cross-attention on the edited words, averaged
 over heads, sites and steps, scaled to a maximum of 1 per frame and thresholded (FateZero: 0.3).
+
+A clip longer than the model's window runs window by window (pipelines/video_denoiser.py): the
+caller sets `window` before each call; the recorder then keeps the maps of each window's own frames
+in one map per site for the whole clip, and the editor hands each call the rows of its frames.
 """
 
 from __future__ import annotations
@@ -46,18 +50,28 @@ class AttentionRecorder:
     """Stores the attention probabilities of the sites with at most `max_queries` positions,
     under the step `t` the caller sets before each denoiser call (the last call at a step wins)."""
 
-    def __init__(self, image_size: int, on_cpu: bool = False, fraction: float = LOW_RES_FRACTION):
+    def __init__(self, image_size: int, on_cpu: bool = False, fraction: float = LOW_RES_FRACTION,
+                 frames: int | None = None):
         self.max_queries = int(image_size * fraction) ** 2
         self.on_cpu = on_cpu
         self.maps: dict[str, torch.Tensor] = {}
         self.t = 0
+        self.frames = frames          # the clip's frame count (needed when it runs in windows)
+        self.window = None            # the FrameWindow of the current call (None: every frame)
 
     def wants(self, site: str, kind: str, queries: int) -> bool:
         return queries <= self.max_queries
 
     def __call__(self, site: str, kind: str, probs: torch.Tensor) -> torch.Tensor:
         kept = probs.detach().to(dtype=torch.float16, device="cpu" if self.on_cpu else probs.device)
-        self.maps[map_key(self.t, site, kind)] = kept
+        key = map_key(self.t, site, kind)
+        if self.window is None or self.window.context == 0 and len(self.window.frames) == self.frames:
+            self.maps[key] = kept
+            return probs
+        if key not in self.maps:
+            self.maps[key] = torch.zeros((self.frames, *kept.shape[1:]), dtype=kept.dtype, device=kept.device)
+        own = torch.tensor(self.window.own, device=kept.device)
+        self.maps[key][own] = kept[self.window.context:]
         return probs
 
     def has_step(self, t: int) -> bool:
@@ -152,23 +166,35 @@ class AttentionEditor:
         self.mask = mask
         self._site_masks: dict[int, torch.Tensor] = {}
         self.t = timesteps[0]
+        self.window = None            # the FrameWindow of the current call (None: every frame)
+
+    def _rows(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """The rows [frames of this call, ...] of a per-clip-frame tensor."""
+        if self.window is None or len(self.window.frames) == per_frame.shape[0] == self.frames \
+                and self.window.context == 0:
+            return per_frame
+        return per_frame[torch.tensor(self.window.frames, device=per_frame.device)]
+
+    @property
+    def _call_frames(self) -> int:
+        return self.frames if self.window is None else len(self.window.frames)
 
     def wants(self, site: str, kind: str, queries: int) -> bool:
         limit = self.self_steps if kind == "self" else self.cross_steps
         return self.index.get(self.t, limit) < limit and map_key(self.t, site, kind) in self.maps
 
     def __call__(self, site: str, kind: str, probs: torch.Tensor) -> torch.Tensor:
-        stored = self.maps[map_key(self.t, site, kind)].to(device=probs.device, dtype=probs.dtype)
+        stored = self._rows(self.maps[map_key(self.t, site, kind)]).to(device=probs.device, dtype=probs.dtype)
         if kind == "self":
             return self._fuse_self(probs, stored)
         return self._fuse_cross(probs, stored)
 
     def _fuse_self(self, probs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        copies = probs.shape[0] // self.frames
+        copies = probs.shape[0] // self._call_frames
         stored = stored.repeat(copies, 1, 1, 1)
         if self.mask is None:
             return stored
-        keep = self._mask_at(probs.shape[2]).repeat(copies, 1)[:, None, :, None]
+        keep = self._rows(self._mask_at(probs.shape[2])).repeat(copies, 1)[:, None, :, None]
         return torch.where(keep, probs, stored)
 
     def _mask_at(self, queries: int) -> torch.Tensor:
@@ -180,11 +206,12 @@ class AttentionEditor:
         return self._site_masks[queries]
 
     def _fuse_cross(self, probs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        conditional = probs[-self.frames:]
+        n = self._call_frames
+        conditional = probs[-n:]
         taken = stored[..., self.source_of]
         if self.plan.cross_mode == "replace":
             fused = taken
         else:
             fused = taken * self.aligned + conditional * (1 - self.aligned)
             fused = fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
-        return torch.cat([probs[:-self.frames], fused]) if probs.shape[0] > self.frames else fused
+        return torch.cat([probs[:-n], fused]) if probs.shape[0] > n else fused

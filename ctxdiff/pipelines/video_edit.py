@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxdiff.data.images import IMAGE_SUFFIXES, fit_image, read_image
-from ctxdiff.data.video import FRAME_FOLDER_FPS, Video, read_video
+from ctxdiff.data.video import Video
 from ctxdiff.diffusion import classifier_free_guidance, invert_ddim, sample_ddim
 from ctxdiff.diffusion.samplers import invert_edict, inversion_timesteps, sample_edict
 from ctxdiff.errors import CtxdiffError
@@ -33,6 +32,7 @@ from ctxdiff.metrics.fidelity import psnr, ssim
 from ctxdiff.models.latent.text import EOT_ID
 from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
                                                  blend_mask)
+from ctxdiff.pipelines.video_clip import SourceClip, read_clip, read_source  # noqa: F401 (the commands' readers)
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 
 CROSS_MODES = ("replace", "refine")
@@ -47,15 +47,6 @@ def _called_in(fn, dtype: torch.dtype):
     return lambda x, cond, t: fn(x.to(dtype), cond, t).to(CHAIN_DTYPE)
 
 
-def read_source(path: str | Path, frames: int, stride: int, start: int, size: int) -> Video:
-    """`frames` frames of a video file or folder (every `stride`-th from `start`), or one image
-    as a one-frame video, centre-cropped and resized to size x size."""
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        return Video(fit_image(read_image(path), (size, size))[None], FRAME_FOLDER_FPS, path)
-    return read_video(path, num_frames=frames, start=start, stride=stride, size=size)
-
-
 @torch.no_grad()
 def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: InversionParams,
                  progress=None) -> Inversion:
@@ -64,11 +55,13 @@ def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: Invers
     frames = len(video)
     x0 = model.to_model(video.frames)
     timesteps = inversion_timesteps(model.sched.T, params.steps, params.spacing, params.max_t)
-    recorder = AttentionRecorder(model.grid_size, params.attention_on_cpu) if params.attention else None
-    x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(recorder, "t", t)) if recorder else None)
+    recorder = AttentionRecorder(model.grid_size, params.attention_on_cpu, frames=frames) if params.attention else None
+    x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(recorder, "t", t)) if recorder else None,
+                        on_window=(lambda w: setattr(recorder, "window", w)) if recorder else None,
+                        window=params.window)
     cond = model.encode(prompt, frames)
     use_adapter = params.adapter and model.adapter is not None
-    adapter = model.adapter_fn(frames, use_adapter)
+    adapter = model.adapter_fn(frames, use_adapter, params.window)
     partner = None
     with model.unet.controlled(recorder):
         if params.method == "edict":   # both denoiser calls of a step run at its upper step: maps at t_1..t_N
@@ -80,7 +73,7 @@ def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: Invers
             trajectory = invert_ddim(x0_fn, x0, timesteps, model.sched, adapter=adapter, cond=cond,
                                      refine=params.refine, progress=progress)
         if recorder is not None and not recorder.has_step(timesteps[-1]):
-            x0_fn(trajectory[-1], cond, torch.full((frames,), timesteps[-1], device=model.device))
+            x0_fn(trajectory[-1].to(MODEL_DTYPE), cond, torch.full((frames,), timesteps[-1], device=model.device))
     return Inversion(torch.stack(trajectory).cpu(), timesteps, video.frames, video.fps, prompt,
                      InversionParams(**{**asdict(params), "adapter": use_adapter}), model.base, model.tuned,
                      str(Path(video.source).resolve()), recorder.maps if recorder is not None else None, partner)
@@ -131,8 +124,9 @@ def reconstruct(model: VideoDenoiser, inversion: Inversion, progress=None) -> Re
     frames = len(inversion.frames)
     descending = inversion.sampling_steps
     states: dict[int, torch.Tensor] = {}
-    x = sample_back(model, inversion, model.x0_fn(frames), model.encode(inversion.prompt, frames),
-                    model.adapter_fn(frames, inversion.params.adapter), progress=progress,
+    window = inversion.params.window
+    x = sample_back(model, inversion, model.x0_fn(frames, window=window), model.encode(inversion.prompt, frames),
+                    model.adapter_fn(frames, inversion.params.adapter, window), progress=progress,
                     callback=lambda step, x, **_: states.__setitem__(step + 1, x))
     at_t1 = states.get(len(descending) - 2, inversion.trajectory[-1].to(model.device))
     out = model.to_frames(x.float())
@@ -241,9 +235,12 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
         fraction = float(mask.float().mean()) if mask is not None else None
         editor = AttentionEditor(maps, descending[:-1], FusionPlan(params.self_replace, params.cross_replace, mode),
                                  alignment, mask, frames, model.device)
-    x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None)
+    window = inversion.params.window
+    x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None,
+                        on_window=(lambda w: setattr(editor, "window", w)) if editor else None, window=window)
     guided = classifier_free_guidance(x0_fn, model.text([""]), params.guidance)
     with model.unet.controlled(editor):
-        x = sample_back(model, inversion, guided, cond, model.adapter_fn(frames, use_adapter), progress=progress)
+        x = sample_back(model, inversion, guided, cond, model.adapter_fn(frames, use_adapter, window),
+                        progress=progress)
     out = model.to_frames(x.float())
     return EditResult(out, mode, fraction, notes, region_at(mask, *out.shape[1:3]))
