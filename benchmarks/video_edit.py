@@ -5,6 +5,8 @@
     python benchmarks/video_edit.py cost --device cuda --model sd15   # 512x512, SD 1.5-shaped, fp16
     python benchmarks/video_edit.py shapes --train-steps 1000 --seeds 12
     python benchmarks/video_edit.py inversion                  # reconstruction PSNR per method and clip
+    python benchmarks/video_edit.py heldout                    # held-out edits, adapter on/off, EDICT/DDIM
+    python benchmarks/video_edit.py windows --frames 16 80     # peak memory against clip length
 
 `cost` runs every (frames, adapter) pair in its own process on a model of the bundled default's
 size (recipes/shapes-base.yaml: 32x32 U-Net, CLIP-branch adapter, shapes CLIP; random weights), on
@@ -30,6 +32,16 @@ plain DDIM to t = T (the old default), DDIM stopped one step earlier (t_N = T - 
 abar_t >= 1e-3, DDIM with 2 fixed-point `refine` iterations, and EDICT stopped where abar_t >= 1e-3
 or at t = T.
 `--tune-steps N` first tunes the model on each clip (Tab. 8 settings) and inverts with the tuned one.
+
+`heldout` edits shapes clips drawn with unseen seeds, varied in colour, shape, size, direction, speed
+(stride), background, aspect ratio and length, to a target that changes the colour only, per arm
+(EDICT or plain DDIM inversion, adapter on or off): the share of frames the judge finds the new colour
+in, the centroid path's correlation with the source's, the background's mean |edit - source|, the
+reconstruction PSNR, `edit --tgt SRC`'s PSNR (guided, fused), PSNR outside the blend mask, warp error,
+CLIP text alignment and temporal consistency, at the source's size. No setting was tuned on these clips.
+
+`windows` runs EDICT inversion and a fused edit of car-turn at each length, windowed or not, each in
+its own process, and reports the peak RSS (attention maps kept on the CPU, counted in).
 """
 
 from __future__ import annotations
@@ -327,6 +339,161 @@ def inversion(args) -> None:
               + " | ".join(f"{row[m]:.1f}" for m in methods) + " |")
 
 
+# -- held-out edits: structure kept, with and without the adapter ----------------------------------
+
+HELD_OUT_EDITS = [   # (source, target, frames, (height, width), stride, seed): seeds 9401.. used nowhere else
+    ("a red circle moving to the right on a gray background",
+     "a blue circle moving to the right on a gray background", 8, (32, 32), 1, 9401),
+    ("a large green square moving to the left on a white background",
+     "a large yellow square moving to the left on a white background", 16, (32, 48), 1, 9402),
+    ("a small yellow triangle moving up on a black background",
+     "a small purple triangle moving up on a black background", 16, (32, 32), 2, 9403),
+    ("a cyan cross moving down on a gray background",
+     "a red cross moving down on a gray background", 24, (48, 32), 1, 9404),
+]
+EDIT_ARMS = {"edict, adapter": ("edict", True), "edict, no adapter": ("edict", False),
+             "ddim to T, adapter": ("ddim", True), "ddim to T, no adapter": ("ddim", False)}
+
+
+def held_out_edit_clip(source: str, frames: int, size: tuple[int, int], stride: int, seed: int, model_side: int):
+    """A shapes clip drawn at side min(size) and widened with its background to `size`; (SourceClip, centres
+    in output pixels, background mask [F, H, W] of the source)."""
+    from ctxdiff.data.video import FrameFit, Video
+    from ctxdiff.pipelines.video_clip import SourceClip
+    from ctxdiff.shapes.world import moving_shape_video
+
+    height, width = size
+    side = min(size)
+    clip = moving_shape_video(source, frames=frames, size=side, seed=seed)
+    top, left = (height - side) // 2, (width - side) // 2
+    pad = ((0, 0), (top, height - side - top), (left, width - side - left), (0, 0))
+    video = np.pad(clip.frames, pad, mode="edge")[::stride]
+    centres = clip.centres[::stride] * side
+    background = (video == video[:, :1, :1]).all(-1)   # the corner's colour
+    box = (top, left, side)
+    return SourceClip(Video(video, 8.0 / stride, Path(f"heldout-{seed}")), FrameFit(height, width, model_side)), centres, \
+        background, box
+
+
+def structure_scores(edited: np.ndarray, target: str, centres: np.ndarray, background: np.ndarray,
+                     source: np.ndarray, vertical: bool, box: tuple[int, int, int]) -> dict:
+    """Share of frames the judge finds the target's colour in (within the square `box` the object was drawn
+    in), the centroid path's correlation with the source's (x, or y for vertical motion), and the
+    background's mean |edited - source| (0..255) over the whole frame."""
+    from ctxdiff.shapes.judge import judge
+
+    top, left, side = box
+    verdicts = [judge(frame[top:top + side, left:left + side], target) for frame in edited]
+    h = w = side
+    found = np.array([v.detections[0] is not None for v in verdicts])
+    path = np.array([(v.detections[0].cy * h if vertical else v.detections[0].cx * w) if v.detections[0] else np.nan
+                     for v in verdicts])
+    axis = 1 if vertical else 0
+    corr = float(np.corrcoef(path[found], centres[found, axis])[0, 1]) if found.sum() > 2 else float("nan")
+    from scipy.ndimage import binary_erosion
+    bg = np.stack([binary_erosion(b, iterations=2) for b in background])
+    return {"changed": float(np.mean([bool(v.colour) for v in verdicts])), "path_corr": corr,
+            "background_err": float(np.abs(edited.astype(float) - source)[bg].mean())}
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def heldout(args) -> None:
+    from ctxdiff.diffusion.samplers import highest_invertible_step
+    from ctxdiff.formats.inversion import InversionParams
+    from ctxdiff.pipelines.video import load_video_model
+    from ctxdiff.pipelines.video_edit import EditParams, edit_scores, edit_video, invert_video, reconstruct
+
+    torch.set_num_threads(args.threads)
+    model = load_video_model(args.model)
+    top = highest_invertible_step(model.sched)
+    arms = {name: EDIT_ARMS[name] for name in args.arms}
+    rows = []
+    for source, target, frames, size, stride, seed in HELD_OUT_EDITS[:args.clips]:
+        clip, centres, background, box = held_out_edit_clip(source, frames, size, stride, seed, model.image_size)
+        for arm, (method, adapter) in arms.items():
+            params = InversionParams(steps=args.steps, method=method, adapter=adapter, attention=True,
+                                     max_t=top if method == "edict" else None)
+            inversion = invert_video(model, clip.model_video, source, params)
+            recon = reconstruct(model, inversion)
+            edit = edit_video(model, inversion, target, EditParams(adapter=adapter))
+            same = edit_video(model, inversion, source, EditParams(adapter=adapter))
+            out = clip.to_source(edit.frames)
+            region = None if edit.edited_region is None else clip.fit.to_source(
+                np.repeat(edit.edited_region[..., None] * np.uint8(255), 3, -1))[..., 0] > 127
+            row = {"clip": f"{seed} {frames // stride}f {size[0]}x{size[1]}", "arm": arm,
+                   "recon_psnr": recon.psnr,
+                   "edit_src_psnr": edit_scores(model, clip.to_source(same.frames), source, clip.video.frames)["psnr"],
+                   **structure_scores(out, target, centres, background, clip.video.frames, "up" in source or
+                                      "down" in source, box),
+                   **{k: v for k, v in edit_scores(model, out, target, clip.video.frames, region).items()
+                      if k in ("text_alignment", "temporal_consistency_all_pairs", "psnr_kept", "warp_error")}}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print(f"held-out edits, {args.model or 'bundled model'} zero-shot, {args.steps} steps, guidance 7.5, fusion on; "
+          f"EDICT to t = {top} (abar >= 1e-3); metrics at the source's size")
+    columns = ["changed", "path_corr", "background_err", "recon_psnr", "edit_src_psnr", "psnr_kept", "warp_error",
+               "text_alignment", "temporal_consistency_all_pairs"]
+    print("| clip | arm | " + " | ".join(columns) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
+    for row in rows:
+        print(f"| {row['clip']} | {row['arm']} | " + " | ".join(
+            f"{row[c]:.4f}" if c == "warp_error" else f"{row.get(c, float('nan')):.3g}" for c in columns) + " |")
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        print(f"| mean | {arm} | " + " | ".join(f"{_mean([r.get(c, np.nan) for r in mine]):.3g}"
+                                               for c in columns) + " |")
+
+
+# -- windows: memory against clip length ----------------------------------------------------------
+
+def window_one(args) -> dict:
+    """One clip length in this process: EDICT inversion (maps stored on the CPU) and a fused edit."""
+    from ctxdiff.formats.inversion import InversionParams
+    from ctxdiff.pipelines.video import load_video_model
+    from ctxdiff.pipelines.video_edit import EditParams, edit_video, invert_video, read_clip
+
+    torch.set_num_threads(args.threads)
+    model = load_video_model(args.model)
+    clip = read_clip(DATA / "videos" / "car-turn.mp4", model.image_size, frames=args.frames)
+    frames = clip.model_video
+    loaded = _rss_mb()
+    window = None if args.window == 0 else args.window
+    params = InversionParams(steps=args.steps, method="edict", max_t=979, attention=True, attention_on_cpu=True,
+                             window=window)
+    holder, cpu = {}, torch.device("cpu")
+    invert_s = timed(lambda: holder.setdefault("inv", invert_video(model, frames, JEEP_PROMPT, params)), cpu)
+    edit_s = timed(lambda: edit_video(model, holder["inv"], JEEP_PROMPT.replace("silver", "red"), EditParams()), cpu)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    maps_mb = sum(m.numel() * m.element_size() for m in holder["inv"].attention.values()) / 2**20
+    return {"frames": len(frames), "window": window, "invert_s": invert_s, "edit_s": edit_s, "peak_mb": peak,
+            "rise_mb": peak - loaded, "maps_mb": maps_mb}
+
+
+def windows(args) -> None:
+    rows = []
+    for frames in args.frames:
+        for window in args.windows:
+            command = [sys.executable, __file__, "_window", "--frames", str(frames), "--window", str(window),
+                       "--steps", str(args.steps), "--threads", str(args.threads)]
+            command += ["--model", args.model] if args.model else []
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                print(f"frames {frames}, window {window}: failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"car-turn, EDICT inversion + fused edit, {args.steps} steps, attention maps on the CPU, "
+          f"{args.threads} threads; peak RSS of the process")
+    print("| frames | window | invert s | edit s | maps MB | peak RSS MB | rise over the loaded model MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['frames']} | {r['window'] or 'none'} | {r['invert_s']:.1f} | {r['edit_s']:.1f} | "
+              f"{r['maps_mb']:.0f} | {r['peak_mb']:.0f} | {r['rise_mb']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -356,8 +523,32 @@ def main() -> None:
     i.add_argument("--steps", type=int, default=20)
     i.add_argument("--tune-steps", type=int, default=0, help="tune on each clip first (0: zero-shot)")
     i.add_argument("--threads", type=int, default=2)
+    h = sub.add_parser("heldout", help="edits of held-out shapes clips, with and without the adapter")
+    h.add_argument("--model", help="a t2i bundle (default: the bundled model)")
+    h.add_argument("--steps", type=int, default=20)
+    h.add_argument("--clips", type=int, default=len(HELD_OUT_EDITS))
+    h.add_argument("--arms", nargs="+", default=list(EDIT_ARMS), choices=list(EDIT_ARMS))
+    h.add_argument("--threads", type=int, default=2)
+    w = sub.add_parser("windows", help="peak memory of invert + edit against clip length, windowed or not")
+    w.add_argument("--model")
+    w.add_argument("--frames", type=int, nargs="+", default=[16, 80])
+    w.add_argument("--windows", type=int, nargs="+", default=[16, 0], help="0: no windows")
+    w.add_argument("--steps", type=int, default=5)
+    w.add_argument("--threads", type=int, default=2)
+    wo = sub.add_parser("_window")
+    wo.add_argument("--model")
+    wo.add_argument("--frames", type=int, required=True)
+    wo.add_argument("--window", type=int, required=True)
+    wo.add_argument("--steps", type=int, default=5)
+    wo.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.mode == "inversion":
+    if args.mode == "_window":
+        print(json.dumps(window_one(args)))
+    elif args.mode == "windows":
+        windows(args)
+    elif args.mode == "heldout":
+        heldout(args)
+    elif args.mode == "inversion":
         inversion(args)
     elif args.mode == "_one":
         print(json.dumps(measure_one(args.model, args.frames, not args.no_adapter, args.device, args.tune_steps,
