@@ -1,0 +1,120 @@
+"""Class and layout conditions (paper Sec. 4.3): encoders, data, training, files, sampling."""
+
+import pytest
+import torch
+
+from ctxdiff.diffusion import diffusion_loss, make_schedule
+from ctxdiff.errors import UsageError
+from ctxdiff.models.adapter import ADAPTER_PRESETS, ContextAdapter
+from ctxdiff.models.conditions import (ConditionConfig, ConditionedAdapter, ConditionEncoder, LayoutObject,
+                                       make_layout, parse_layout, read_layout, resolve_label)
+from ctxdiff.models.unet import UNET_PRESETS, UNet
+
+LABELS = ("red circle", "blue square", "green triangle")
+
+
+def _encoder(kind, **kw):
+    torch.manual_seed(0)
+    return ConditionEncoder(ConditionConfig(kind=kind, labels=LABELS, dim=32, pooled_dim=32, max_objects=3, **kw))
+
+
+def _wake(module):
+    """Give the zero-initialised branches weights, so the condition reaches the output."""
+    g = torch.Generator().manual_seed(0)
+    for p in module.parameters():
+        if not p.abs().sum():
+            p.data = 0.05 * torch.randn(p.shape, generator=g)
+    return module
+
+
+def test_class_encoder_gives_one_token_and_a_learned_null_label():
+    enc = _encoder("class")
+    cond = enc.encode(["red circle", None, "Blue  Square"])
+    assert cond.tokens.shape == (3, 1, 32) and cond.mask.all() and cond.pooled.shape == (3, 32)
+    null = enc.encode([""])
+    assert torch.equal(null.tokens[0], cond.tokens[1])               # dropped: the null label
+    assert not torch.equal(cond.tokens[0], cond.tokens[1])
+    assert torch.allclose(enc.encode(["blue square"]).tokens[0], cond.tokens[2])
+
+
+def test_layout_encoder_pads_masks_and_drops_to_the_empty_layout():
+    enc = _encoder("layout")
+    layout = parse_layout("red circle@0.1,0.1,0.4,0.4;blue square@0.5,0.5,0.9,0.9")
+    cond = enc.encode([layout, None])
+    assert cond.tokens.shape == (2, 4, 32) and cond.pooled.shape == (2, 32)
+    assert cond.mask.tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert torch.allclose(enc.encode([()]).pooled, cond.pooled[1:], atol=1e-6)
+    # one sample's encoding does not depend on the batch it is in
+    assert torch.allclose(enc.encode([layout]).pooled, cond.pooled[:1], atol=1e-5)
+
+
+def test_layout_boxes_reach_the_unet_prediction_at_t_T():
+    torch.manual_seed(0)
+    enc = _encoder("layout")
+    unet = _wake(UNet(UNET_PRESETS["tiny"])).eval()
+    x_T = torch.randn(1, 3, 32, 32)
+    a = enc.encode([(LayoutObject("red circle", (0.1, 0.1, 0.4, 0.4)),)])
+    b = enc.encode([(LayoutObject("red circle", (0.5, 0.5, 0.9, 0.9)),)])
+    with torch.no_grad():
+        pa, pb = unet(x_T, 1000, a), unet(x_T, 1000, b)
+    assert (pa - pb).abs().max() > 1e-3
+
+
+def test_zero_adapter_reduces_to_the_plain_conditional_model():
+    torch.manual_seed(0)
+    enc = _encoder("class")
+    unet = UNet(UNET_PRESETS["tiny"])
+    cfg = enc.config
+    adapter = ConditionedAdapter(ContextAdapter(ADAPTER_PRESETS["tiny"]), cfg)
+    sched = make_schedule("cosine", 1000)
+    x0, noise = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    t = torch.tensor([10, 900])
+    cond = enc.encode(["red circle", "green triangle"])
+    assert adapter(x0, cond, t).abs().max() == 0
+
+    def x0_fn(x, c, tt):
+        return unet(x, tt, c)
+
+    with_r = diffusion_loss(sched, x0_fn, x0, cond, adapter, t=t, noise=noise)
+    plain = diffusion_loss(sched, x0_fn, x0, cond, None, t=t, noise=noise)
+    assert torch.equal(with_r, plain)
+
+
+def test_adapter_reads_the_condition_through_its_resnet_blocks():
+    enc = _encoder("class")
+    adapter = _wake(ConditionedAdapter(ContextAdapter(ADAPTER_PRESETS["tiny"]), enc.config))
+    x0 = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        ra, rb = adapter(x0, enc.encode(["red circle"]), 500), adapter(x0, enc.encode(["blue square"]), 500)
+    assert (ra - rb).abs().max() > 1e-4
+    assert len(adapter.context.blocks) == 2
+
+
+def test_unknown_label_names_the_close_known_ones():
+    with pytest.raises(UsageError, match="did you mean 'red circle'"):
+        resolve_label("red circel", LABELS)
+    with pytest.raises(UsageError, match="this model knows"):
+        _encoder("class").encode(["purple hexagon"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("red circle@0.1,0.1,1.4,0.4", "outside"), ("red circle@0.5,0.1,0.4,0.4", "empty"),
+    ("red circle@0.1,0.1,0.4", "four numbers"), ("red circle", "label@x0,y0,x1,y1"), (" ; ", "empty")])
+def test_bad_inline_layouts_are_refused(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_layout(text)
+
+
+def test_layout_file_reads_a_json_list(tmp_path):
+    path = tmp_path / "layout.json"
+    path.write_text('[{"label": "red circle", "box": [0.1, 0.1, 0.4, 0.4]}]')
+    assert read_layout(path) == make_layout([("red circle", (0.1, 0.1, 0.4, 0.4))])
+    path.write_text('[{"label": "red circle", "box": [0.1, 0.1, 0.4, -0.4]}]')
+    with pytest.raises(UsageError, match="layout.json"):
+        read_layout(path)
+
+
+def test_too_many_objects_are_refused():
+    layout = parse_layout(";".join(["red circle@0.1,0.1,0.4,0.4"] * 4))
+    with pytest.raises(UsageError, match="at most 3"):
+        _encoder("layout").encode([layout])
