@@ -1,5 +1,6 @@
 """Generation for evaluation: many prompts into one folder, resumable (the zero-shot protocol), or
-into memory in batches (benchmarks)."""
+into memory in batches (benchmarks). Under torchrun the folder's images are split over the ranks
+(ctxdiff/distributed.py): each image keeps the seed and file name it has in one process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctxdiff import distributed
 from ctxdiff.data.images import IMAGE_SUFFIXES
 from ctxdiff.data.png import read_png_metadata, save_png, to_uint8
 from ctxdiff.errors import CtxdiffError
@@ -29,7 +31,13 @@ def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed:
     """Image i is prompts[i] with seed + i, written as folder/{i:05d}.png (PNG metadata: prompt,
     seed, parameters). Images already in the folder are kept, so an interrupted run resumes, but
     only those this protocol made with these prompts, seeds and parameters: any other image there
-    would be counted by the metric, so it is an error."""
+    would be counted by the metric, so it is an error.
+
+    Under torchrun (ctxdiff.distributed) the batches of one process are dealt out (batch b to rank b % world), so
+    every image is made in the batch it has in one process: the floats of a batch's images depend on its other
+    members in the last bits, enough to flip a uint8 level now and then. With a
+    process group every rank checks the folder before any writes and returns when all images are written (without
+    one, wait for the other ranks before reading the folder). `progress.advance(n)` counts this rank's images."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:05d}.png" for i in range(len(prompts))]
     records = {path: {"prompt": prompts[i], "seed": seed + i, **asdict(params), "model": pipe.source}
@@ -41,13 +49,15 @@ def generate_to_folder(pipe: Text2Image, prompts: list[str], folder: Path, seed:
                                "model or setting, or another file): the metric would count it; pass an empty "
                                "or new --fake folder")
     todo = [i for i, p in enumerate(paths) if not p.exists()]
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    batches = distributed.share([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)])
+    distributed.barrier()      # every rank has checked the folder before any rank writes into it
+    for batch in batches:
         images = to_uint8(pipe.sample([prompts[i] for i in batch], [seed + i for i in batch], params))
         for i, image in zip(batch, images):
             save_png(paths[i], image, records[paths[i]])
         if progress is not None:
             progress.advance(len(batch))
+    distributed.barrier()      # the folder is complete on every rank
     return paths
 
 

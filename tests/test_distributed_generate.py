@@ -1,0 +1,91 @@
+"""Generation split over ranks (ctxdiff/distributed.py): N processes write exactly the files of one."""
+
+import os
+import socket
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ctxdiff import distributed
+from ctxdiff.errors import UsageError
+from ctxdiff.formats.t2i import DEFAULT_MODEL
+
+PROMPTS = ["a red circle", "a blue square above a green cross", "a yellow triangle"]   # 3: an uneven split
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_share_gives_rank_r_the_jobs_i_with_i_mod_world_equal_r(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    shares = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        assert distributed.rank_and_world() == (rank, 3)
+        shares.append(distributed.share(list(range(8))))
+    assert shares == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert distributed.merge_in_job_order(shares) == list(range(8))
+
+
+def test_one_process_without_torchrun_variables_makes_every_job(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.rank_and_world() == (0, 1) and distributed.share("abc") == ["a", "b", "c"]
+    assert distributed.gather(5) == [5] and distributed.from_main(7) == 7
+
+
+@pytest.mark.parametrize("rank, world", [("2", "2"), ("x", "2"), ("0", "0")])
+def test_a_rank_outside_the_world_is_a_usage_error(monkeypatch, rank, world):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(UsageError, match="RANK"):
+        distributed.rank_and_world()
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _params(pipe):
+    return replace(pipe.defaults, steps=2, sr_steps=2)
+
+
+def _rank_main(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    from ctxdiff.pipelines.batch_generate import generate_to_folder
+    from ctxdiff.pipelines.text2image import Text2Image
+
+    distributed.join(torch.device("cpu"))
+    assert torch.distributed.get_backend() == "gloo"
+    pipe = Text2Image.from_bundle(DEFAULT_MODEL, "cpu")
+    generate_to_folder(pipe, PROMPTS, Path(folder), 11, _params(pipe), batch_size=2)
+    distributed.leave()
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the bundled model is not installed")
+def test_two_gloo_ranks_write_byte_identical_files_to_one_process(tmp_path, monkeypatch):
+    from ctxdiff.pipelines.batch_generate import generate_to_folder
+    from ctxdiff.pipelines.text2image import Text2Image
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    pipe = Text2Image.from_bundle(DEFAULT_MODEL, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # as the ranks (torchrun's default): the thread count moves the last bits too
+    try:
+        generate_to_folder(pipe, PROMPTS, tmp_path / "one", 11, _params(pipe), batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert list(one) == ["00000.png", "00001.png", "00002.png"]
+    assert two == one
