@@ -118,3 +118,71 @@ def test_too_many_objects_are_refused():
     layout = parse_layout(";".join(["red circle@0.1,0.1,0.4,0.4"] * 4))
     with pytest.raises(UsageError, match="at most 3"):
         _encoder("layout").encode([layout])
+
+
+# ---------------------------------------------------------------- training, files, sampling
+
+CLASS_MODEL = """
+model:
+  condition: {kind: class, adapter_blocks: 1}
+data: {source: shapes, image_size: 16, shapes_count: 40}
+"""
+LAYOUT_MODEL = """
+model:
+  condition: {kind: layout, max_objects: 3}
+preview_prompts: ["red circle@0.1,0.1,0.5,0.5"]
+"""
+
+
+def _train(tiny_recipe, name, extra, steps=2):
+    from ctxdiff.training.recipe import read_recipe
+    from ctxdiff.training.trainer import Trainer
+
+    recipe = read_recipe(tiny_recipe(name, ""), [f"train.steps={steps}", "train.checkpoint_every=2",
+                                                 "train.sample_every=2"])
+    import yaml
+
+    from ctxdiff.recipes import from_dict, to_dict
+    from ctxdiff.training.recipe import Recipe
+    merged = to_dict(recipe)
+    for key, value in yaml.safe_load(extra).items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    merged["preview_prompts"] = merged.get("preview_prompts") if "preview_prompts" in yaml.safe_load(extra) else []
+    recipe = from_dict(Recipe, merged)
+    result = Trainer(recipe, torch.device("cpu")).run()
+    return recipe, result
+
+
+@pytest.mark.parametrize("extra, conditions", [
+    (CLASS_MODEL, ["red circle", "blue square"]),
+    (LAYOUT_MODEL, [parse_layout("red circle@0.1,0.1,0.4,0.4;blue square@0.5,0.5,0.9,0.9"), ()]),
+])
+def test_class_and_layout_models_train_save_and_sample_from_the_file_alone(tiny_recipe, extra, conditions):
+    from ctxdiff.formats.t2i import T2IFile
+    from ctxdiff.pipelines.text2image import Text2Image
+    from ctxdiff.recipes import SampleConfig
+    from ctxdiff.shapes.captions import OBJECT_COLOURS, SHAPES
+
+    recipe, result = _train(tiny_recipe, "cond", extra)
+    assert result.step == 2 and (result.model_path.parent / "samples" / "step-00000002.png").is_file()
+    file = T2IFile.read(result.model_path)
+    kind = recipe.model.condition.kind
+    assert file.condition.kind == kind and len(file.condition.labels) == len(OBJECT_COLOURS) * len(SHAPES)
+    pipe = Text2Image.from_bundle(result.model_path)
+    assert pipe.condition_kind == kind and "red circle" in pipe.labels
+    params = SampleConfig(steps=3, guidance=2.0)
+    images = pipe.sample(conditions, [0, 1], params)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    assert torch.allclose(pipe.sample(conditions[:1], [0], params), images[:1], atol=1e-5)   # batch-independent
+    with pytest.raises(UsageError, match="did you mean"):
+        pipe.sample(["red circel"] if kind == "class" else [parse_layout("red circel@0,0,1,1")], [0], params)
+
+
+def test_text_models_keep_their_state_and_files_without_a_condition(tiny_recipe):
+    from ctxdiff.training.recipe import read_recipe
+    from ctxdiff.training.trainer import DenoisingObjective
+
+    recipe = read_recipe(tiny_recipe("text"), ["model.condition.kind=text"] if False else [])
+    assert recipe.model.condition is None
+    objective = DenoisingObjective(UNet(UNET_PRESETS["tiny"]), None, recipe)
+    assert not any(k.startswith("condition") for k in objective.state_dict())

@@ -12,6 +12,7 @@ import torch
 from ctxdiff.checkpoints import load_bundle, save_bundle
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.models.adapter import AdapterConfig
+from ctxdiff.models.conditions import ConditionConfig
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders
 from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNetConfig
@@ -22,10 +23,14 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes-defa
 
 
 def save_t2i_bundle(path: str | Path, clip: ClipEncoders, stages: dict[str, Stage], configs: dict,
-                    extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a t2i bundle; `stages` maps '' (base) and 'sr_' to their stage."""
+                    extra: dict | None = None, dtype: torch.dtype | None = None,
+                    condition: torch.nn.Module | None = None) -> Path:
+    """Write a t2i bundle; `stages` maps '' (base) and 'sr_' to their stage. `condition`: the
+    `ConditionEncoder` of a class or layout model (module and config `condition`, with its labels)."""
     modules: dict[str, torch.nn.Module] = {"clip": clip.clip}
     all_configs = {"clip": replace(clip.config, weights=None), **configs}
+    if condition is not None:
+        modules["condition"], all_configs["condition"] = condition, condition.config
     for prefix, stage in stages.items():
         modules[f"{prefix}unet"] = stage.unet
         all_configs[f"{prefix}unet"] = stage.unet.config
@@ -46,6 +51,7 @@ class T2IFile:
     diffusion: DiffusionConfig
     sample: SampleConfig
     tensors: dict[str, dict[str, torch.Tensor]]
+    condition: ConditionConfig | None = None   # a class or layout model's condition (None: text)
 
     @classmethod
     def read(cls, path: str | Path) -> "T2IFile":
@@ -68,13 +74,17 @@ class T2IFile:
             sample = from_dict(SampleConfig, configs.get("sample", {}), "sample")
             if sample.lowres_noise_level is None:   # the level its SR stage was trained with
                 sample = replace(sample, lowres_noise_level=float(configs.get("lowres_noise_level", 0.2)))
+            condition = (None if configs.get("condition") is None else
+                         from_dict(ConditionConfig, configs["condition"], "condition"))
             file = cls(path, from_dict(ClipConfig, configs["clip"], "clip"), stages,
-                       from_dict(DiffusionConfig, configs["diffusion"], "diffusion"), sample, tensors)
+                       from_dict(DiffusionConfig, configs["diffusion"], "diffusion"), sample, tensors, condition)
         except (UsageError, KeyError, TypeError, ValueError) as e:
             raise _damaged(path, f"its configs do not read ({str(e).split('; fix the recipe')[0]})") from None
         for prefix, (_, adapter) in stages.items():
             if adapter is not None and f"{prefix}adapter" not in tensors:
                 raise _damaged(path, f"it has a {prefix}adapter config but no {prefix}adapter tensors")
+        if file.condition is not None and "condition" not in tensors:
+            raise _damaged(path, "it has a condition config but no condition tensors")
         return file
 
 

@@ -23,6 +23,7 @@ from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.formats.t2i import T2IFile
 from ctxdiff.models.adapter import ContextAdapter, build_adapter
 from ctxdiff.models.conditioning import TextCondition
+from ctxdiff.models.conditions import Condition, ConditionedAdapter, ConditionEncoder
 from ctxdiff.models.encoders import ClipEncoders, load_clip
 from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNet
@@ -33,11 +34,16 @@ from ctxdiff.recipes import DiffusionConfig, SampleConfig
 
 
 class Text2Image:
-    """The cascade, ready to sample. Build with `from_bundle`."""
+    """The cascade, ready to sample. Build with `from_bundle`.
+
+    `condition`: the `ConditionEncoder` of a class or layout model (paper Sec. 4.3); its
+    `sample` then takes class labels or layouts (`ctxdiff.data.layouts`) where a text model takes
+    prompts. None: a text model (the CLIP encodes the prompts)."""
 
     def __init__(self, clip: ClipEncoders, base: Stage, sr: Stage | None, diffusion: DiffusionConfig,
-                 defaults: SampleConfig, source: str = "") -> None:
+                 defaults: SampleConfig, source: str = "", condition: ConditionEncoder | None = None) -> None:
         self.clip, self.base, self.sr, self.diffusion = clip, base, sr, diffusion
+        self.condition = condition
         self.sched: Schedule = make_schedule(diffusion.schedule, diffusion.timesteps)
         self.defaults, self.source = defaults, source
 
@@ -54,6 +60,11 @@ class Text2Image:
         file = T2IFile.read(path)
         clip = load_clip(replace(file.clip, weights=None), device)
         load_module_state(clip.clip, file.tensors["clip"], f"{file.path} clip")
+        condition = None
+        if file.condition is not None:
+            condition = ConditionEncoder(file.condition)
+            load_module_state(condition, file.tensors["condition"], f"{file.path} condition")
+            condition = condition.to(device).eval()
 
         def stage(prefix: str) -> Stage | None:
             if prefix not in file.stages:
@@ -64,10 +75,12 @@ class Text2Image:
             adapter = None
             if adapter_config is not None:
                 adapter = build_adapter(adapter_config, clip)
+                if file.condition is not None:
+                    adapter = ConditionedAdapter(adapter, file.condition)
                 load_module_state(adapter, file.tensors[f"{prefix}adapter"], f"{file.path} {prefix}adapter")
             return Stage(unet.to(device).eval(), adapter.to(device).eval() if adapter else None)
 
-        return cls(clip, stage(""), stage("sr_"), file.diffusion, file.sample, str(file.path))
+        return cls(clip, stage(""), stage("sr_"), file.diffusion, file.sample, str(file.path), condition)
 
     def load_base_checkpoint(self, path: str | Path) -> None:
         """Put the EMA weights of a training checkpoint (`runs/.../checkpoints/step-*.pt`) of this
@@ -78,14 +91,29 @@ class Text2Image:
                 load_module_state(module, {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)},
                                   f"{path} {prefix[:-1]}")
 
-    def encode(self, prompts: list[str]) -> TextCondition:
+    @property
+    def condition_kind(self) -> str:
+        """What `sample` takes: "text" (prompts), "class" (labels) or "layout" (layouts)."""
+        return "text" if self.condition is None else self.condition.config.kind
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels a class or layout model knows (empty for a text model)."""
+        return () if self.condition is None else self.condition.config.labels
+
+    def encode(self, prompts: list[str] | list[Condition]) -> TextCondition:
+        """Prompts through the CLIP; for a class or layout model, labels or layouts (None: dropped)
+        through its condition encoder (an unknown label is a UsageError naming the close ones)."""
+        if self.condition is not None:
+            return self.condition.encode(prompts, self.device)
         return self.clip.encode_text(prompts)
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], params: SampleConfig, progress=None, *,
+    def sample(self, prompts: list[str] | list[Condition], seeds: list[int], params: SampleConfig, progress=None, *,
                negative: list[str] | str | None = None, init: InitImage | None = None) -> torch.Tensor:
         """Images in [-1, 1], [N, 3, H, W], one per (prompt, seed); each image depends only on its
-        own prompt, seed and `params`, not on the batch it is made in.
+        own prompt, seed and `params`, not on the batch it is made in. A class or layout model
+        (`condition_kind`) takes labels or layouts as its prompts.
 
         `negative`: the unconditional branch's text per prompt (one for all, or None: "", today's sampling bit
         for bit); the adapter keeps the prompt. `init`: img2img / inpainting (ctxdiff/pipelines/init_image.py),
@@ -94,8 +122,11 @@ class Text2Image:
             raise ValueError("one seed per prompt")
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         cond = self.encode(prompts)
+        if self.condition is not None and negative is not None:
+            raise UsageError(f"negative prompts are for text models; this model takes {self.condition_kind} "
+                             "conditions (guidance is against the dropped condition)")
         negative = negative_prompts(negative, prompts)
-        uncond = self.encode(negative) if any(negative) else self.encode([""])
+        uncond = self.encode(negative) if any(negative) else self.encode([None] if self.condition is not None else [""])
         base_size = self.base.unet.config.image_size
         channels = self.base.unet.config.in_channels
         if init is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ctxdiff.models.adapter import AdapterConfig
+from ctxdiff.models.conditions import ConditionConfig
 from ctxdiff.models.encoders import ClipConfig
 from ctxdiff.models.unet import UNetConfig
 from ctxdiff.recipes import DataConfig, DiffusionConfig, SampleConfig, TrainConfig, load_recipe
@@ -29,8 +30,12 @@ class ModelConfig:
     base_model: str | None = None  # train.stage sr: the base t2i bundle joined into the cascade
     lowres_size: int = 64  # train.stage sr: the side the low-res input is downsampled to
     init_from: str | None = None  # a t2i bundle whose stage weights (unet, adapter) start this run
+    condition: ConditionConfig | None = None  # what the model is conditioned on; null (or kind: text): the CLIP's
+                                              # text; class / layout: labels or layouts (paper Sec. 4.3)
 
     def __post_init__(self) -> None:
+        if self.condition is not None and self.condition.kind == "text":
+            object.__setattr__(self, "condition", None)   # the same model as no key at all
         if self.lowres_size < 1:
             raise ValueError(f"lowres_size must be >= 1, got {self.lowres_size}")
 
@@ -80,6 +85,9 @@ class Recipe:
             if getattr(self.sample, key) > T:
                 raise ValueError(f"sample.{key} is {getattr(self.sample, key)}, more than diffusion.timesteps {T}; "
                                  f"the model could not be sampled with it: set sample.{key} <= {T}")
+        if self.model.condition is not None and (self.latent is not None or self.train.stage != "base"):
+            raise ValueError(f"model.condition kind {self.model.condition.kind} trains a pixel base stage "
+                             "(train.stage: base, no latent) only")
         if self.data.hard_negatives and (self.train.stage != "clip" or self.latent is not None):
             raise ValueError("data.hard_negatives is for contrastive CLIP training (train.stage: clip) only")
         if self.train.layout_loss and (self.train.stage != "clip" or self.data.source != "shapes"

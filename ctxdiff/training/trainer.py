@@ -30,12 +30,15 @@ from torch.utils.data import DataLoader
 
 from ctxdiff.checkpoints import (capture_rng_state, latest_checkpoint, load_latest_good_state, rotate_checkpoints,
                                  save_training_state, training_state_path)
+from ctxdiff.data.conditions import open_condition_dataset
 from ctxdiff.data.datasets import ShardStream, batch_indices, collate, open_dataset
 from ctxdiff.data.png import grid, save_png, to_uint8
 from ctxdiff.diffusion import diffusion_loss, make_schedule, sample_timesteps
 from ctxdiff.errors import CtxdiffError, UsageError
 from ctxdiff.formats.t2i import save_t2i_bundle
 from ctxdiff.models.adapter import build_adapter
+from ctxdiff.models.conditions import ConditionedAdapter, ConditionEncoder, complete_config, describe
+from ctxdiff.data.layouts import parse_layout
 from ctxdiff.models.encoders import load_clip
 from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNet, UNetConfig
@@ -70,15 +73,22 @@ class EMA:
 
 
 class DenoisingObjective(nn.Module):
-    """Eq. 6 as one module (what DistributedDataParallel wraps): f_theta and r_phi jointly."""
+    """Eq. 6 as one module (what DistributedDataParallel wraps): f_theta and r_phi jointly, and for
+    a class or layout model its `condition` encoder, which then encodes the raw conditions here."""
 
-    def __init__(self, unet: UNet, adapter: nn.Module | None, recipe: Recipe) -> None:
+    def __init__(self, unet: UNet, adapter: nn.Module | None, recipe: Recipe,
+                 condition: ConditionEncoder | None = None) -> None:
         super().__init__()
         self.unet, self.adapter = unet, adapter
+        if condition is not None:   # (a text model's state_dict, and so its checkpoints, stay as they were)
+            self.condition = condition
         self.sched = make_schedule(recipe.diffusion.schedule, recipe.diffusion.timesteps)
         self.weighting, self.gamma = recipe.diffusion.loss_weighting, recipe.diffusion.min_snr_gamma
 
     def forward(self, x0, cond, t, noise, lowres=None, lowres_t=None) -> torch.Tensor:
+        if hasattr(self, "condition"):
+            cond = self.condition.encode(cond, x0.device)
+
         def x0_fn(x, c, tt):
             return self.unet(x, tt, c, lowres=lowres, lowres_t=lowres_t)
 
@@ -106,12 +116,16 @@ def _unet_config(recipe: Recipe) -> UNetConfig:
 
 
 def _check_widths(recipe: Recipe, clip) -> None:
-    """The U-Net's and the adapter's text (and image) widths must be the CLIP's: UsageError naming the key."""
+    """The U-Net's and the adapter's text (and image) widths must be the CLIP's: UsageError naming the key.
+    (A class or layout model's text widths are its condition encoder's; only the image width is checked.)"""
     model = recipe.model
     widths = [("model.unet.text_dim", model.unet.text_dim, clip.text_dim, "text token"),
               ("model.unet.pooled_dim", model.unet.pooled_dim, clip.embed_dim, "pooled embedding")]
-    if model.adapter is not None:
+    if model.condition is not None:
+        widths = []
+    if model.adapter is not None and model.condition is None:
         widths.append(("model.adapter.text_dim", model.adapter.text_dim, clip.text_dim, "text token"))
+    if model.adapter is not None:
         if model.adapter.image_branch == "clip":
             widths.append(("model.adapter.image_dim", model.adapter.image_dim, clip.image_dim, "image token"))
     for key, width, expected, what in widths:
@@ -373,11 +387,18 @@ class Trainer(TrainLoop):
         self.clip = load_clip(recipe.model.clip, self.device)
         _check_widths(recipe, self.clip)
         unet_cfg = _unet_config(recipe)
+        self.dataset = self._open_dataset(unet_cfg.image_size)
         unet = UNet(unet_cfg)
         adapter = build_adapter(recipe.model.adapter, self.clip) if recipe.model.adapter is not None else None
+        condition = None
+        if recipe.model.condition is not None:
+            condition_cfg = complete_config(recipe.model.condition, self.dataset.labels, unet_cfg.text_dim,
+                                            unet_cfg.pooled_dim)
+            condition = ConditionEncoder(condition_cfg)
+            adapter = None if adapter is None else ConditionedAdapter(adapter, condition_cfg)
         if recipe.model.init_from:
             _init_from_bundle(recipe.model.init_from, "sr_" if cfg.stage == "sr" else "", unet, adapter)
-        self.objective = DenoisingObjective(unet, adapter, recipe).to(self.device)
+        self.objective = DenoisingObjective(unet, adapter, recipe, condition).to(self.device)
         self.ema = EMA(self.objective, cfg.ema_decay, cfg.ema_warmup)
         self.model = self.objective
         if self.world > 1:
@@ -393,9 +414,20 @@ class Trainer(TrainLoop):
         self.stage = cfg.stage
         if self.stage == "sr" and not unet_cfg.lowres_cond:
             raise UsageError("train.stage=sr needs a super-resolution U-Net (model.unet.lowres_cond: true)")
-        self.dataset = open_dataset(recipe.data.source, unet_cfg.image_size, caption_key=recipe.data.caption_key,
-                                    shapes_count=recipe.data.shapes_count, shapes_seed=recipe.data.shapes_seed)
         self._stream = None
+
+    def _open_dataset(self, size: int):
+        d, condition = self.recipe.data, self.recipe.model.condition
+        if condition is not None:
+            return open_condition_dataset(condition.kind, d.source, size, shapes_count=d.shapes_count,
+                                          shapes_seed=d.shapes_seed, max_objects=condition.max_objects)
+        return open_dataset(d.source, size, caption_key=d.caption_key, shapes_count=d.shapes_count,
+                            shapes_seed=d.shapes_seed)
+
+    @property
+    def condition(self) -> ConditionEncoder | None:
+        """The EMA condition encoder of a class or layout model (None: text)."""
+        return getattr(self.ema.shadow, "condition", None)
 
     # ----------------------------------------------------------------- files
 
@@ -442,7 +474,7 @@ class Trainer(TrainLoop):
         else:
             stages = {"": self.ema_stage()}
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[r.export_dtype]
-        return save_t2i_bundle(path, self.clip, stages, configs, extra, dtype=dtype)
+        return save_t2i_bundle(path, self.clip, stages, configs, extra, dtype=dtype, condition=self.condition)
 
     def _base_pipeline(self) -> Text2Image:
         if not self.recipe.model.base_model:
@@ -483,9 +515,12 @@ class Trainer(TrainLoop):
         total = torch.zeros((), device=self.device)
         for k in range(cfg.grad_accum):
             part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
-            texts = ["" if dropped[i] else captions[i] for i in range(part.start, part.stop)]
-            with torch.no_grad():
-                cond = self.clip.encode_text(texts)
+            if self.recipe.model.condition is not None:   # labels or layouts, encoded in the objective
+                cond = [None if dropped[i] else captions[i] for i in range(part.start, part.stop)]
+            else:
+                texts = ["" if dropped[i] else captions[i] for i in range(part.start, part.stop)]
+                with torch.no_grad():
+                    cond = self.clip.encode_text(texts)
             sync = self.model.no_sync() if self.world > 1 and k < cfg.grad_accum - 1 else nullcontext()
             with sync, _autocast(cfg.precision, self.device):
                 loss = self.model(x0[part].to(self.device), cond, t[part].to(self.device), noise[part].to(self.device),
@@ -508,13 +543,15 @@ class Trainer(TrainLoop):
         if self.rank != 0:
             return None
         prompts = self.preview_prompts(count)
+        if self.condition is not None and self.condition.config.kind == "layout":   # recipe prompts: inline layouts
+            prompts = [parse_layout(p) if isinstance(p, str) else p for p in prompts]
         if self.stage == "sr":
             pipe = self._base_pipeline()
             pipe.sr = self.ema_stage()
         else:
             pipe = Text2Image(self.clip, self.ema_stage(), None, self.recipe.diffusion,
-                              SampleConfig(), "preview")
+                              SampleConfig(), "preview", condition=self.condition)
         sample = self.recipe.sample
         params = replace(sample, lowres_noise_level=sample.lowres_noise_level if sample.lowres_noise_level is not None
                          else self.recipe.train.lowres_noise_level, steps=min(20, self.recipe.sample.steps), sr_steps=min(20, self.recipe.sample.sr_steps))
-        return self.write_preview(pipe.sample(prompts, list(range(len(prompts))), params), prompts)
+        return self.write_preview(pipe.sample(prompts, list(range(len(prompts))), params), [describe(p) for p in prompts])
