@@ -186,3 +186,16 @@ def test_text_models_keep_their_state_and_files_without_a_condition(tiny_recipe)
     assert recipe.model.condition is None
     objective = DenoisingObjective(UNet(UNET_PRESETS["tiny"]), None, recipe)
     assert not any(k.startswith("condition") for k in objective.state_dict())
+
+
+@pytest.mark.parametrize("name, kind", [("shapes-class", "class"), ("shapes-layout", "layout")])
+def test_shipped_condition_recipes_read_and_build(name, kind):
+    from pathlib import Path
+
+    from ctxdiff.data.layouts import parse_layout
+    from ctxdiff.training.recipe import read_recipe
+
+    recipe = read_recipe(Path(__file__).parent.parent / "recipes" / f"{name}.yaml")
+    assert recipe.model.condition.kind == kind and recipe.train.steps <= 1500
+    if kind == "layout":
+        assert all(parse_layout(p) for p in recipe.preview_prompts)
