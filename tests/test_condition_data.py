@@ -86,3 +86,22 @@ def test_a_file_that_is_not_coco_is_named(tmp_path):
     path.write_text("[]")
     with pytest.raises(CtxdiffError, match="not a COCO instances file"):
         open_condition_dataset("layout", str(path), 8)
+
+
+def test_the_judge_passes_drawn_scenes_against_their_own_class_and_layout():
+    from ctxdiff.data.layouts import LayoutObject
+    from ctxdiff.shapes.judge import condition_accuracy, judge_layout
+
+    classes = open_condition_dataset("class", "shapes", 64, shapes_count=6)
+    images = [((classes[i][0] + 1) * 127.5).round().byte() for i in range(6)]
+    assert condition_accuracy(images, [classes[i][1] for i in range(6)])["all"] == 1.0
+    layouts = open_condition_dataset("layout", "shapes", 64, shapes_count=6)
+    images = [((layouts[i][0] + 1) * 127.5).round().byte() for i in range(6)]
+    report = condition_accuracy(images, [layouts[i][1] for i in range(6)])
+    assert report["all"] == 1.0 and report["iou"] > 0.7
+    obj = layouts[0][1][0]
+    x0, y0, x1, y1 = obj.box
+    shift = 0.5 if x1 < 0.5 else -0.5      # the same object asked for elsewhere: not placed
+    moved = LayoutObject(obj.label, (x0 + shift, y0, x1 + shift, y1))
+    verdict = judge_layout(images[0], (moved,))[0]
+    assert verdict.colour and verdict.shape and not verdict.placed

@@ -336,3 +336,95 @@ def judge_many(images: Iterable, captions: Iterable[str]) -> JudgeReport:
             continue
         report.add(judge_spec(image, spec, caption), len(spec.objects))
     return report
+
+
+# -- class and layout conditions (paper Sec. 4.3) ------------------------------------------------
+
+LAYOUT_IOU = 0.5   # a drawn object is where its layout box asks when their IoU is at least this
+
+
+@dataclass(frozen=True)
+class ObjectVerdict:
+    """One asked object ("colour shape" in a box): the region of its colour that overlaps the box
+    most (None: no region of that colour), whether its colour and shape are right, the IoU of its
+    box (centre +- half its fitted extent) with the asked box."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    colour: bool
+    shape: bool
+    iou: float
+    detection: Detection | None = None
+
+    @property
+    def placed(self) -> bool:
+        return self.iou >= LAYOUT_IOU
+
+    @property
+    def correct(self) -> bool:
+        return self.colour and self.shape and self.placed
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """A shapes-world label "colour shape" -> (colour, shape); ValueError for anything else."""
+    colour, _, shape = " ".join(label.lower().split()).rpartition(" ")
+    if colour not in OBJECT_COLOURS or shape not in SHAPES:
+        raise ValueError(f"{label!r} is not a shapes-world label 'colour shape' "
+                         f"(colours {', '.join(OBJECT_COLOURS)}; shapes {', '.join(SHAPES)})")
+    return colour, shape
+
+
+def detection_box(d: Detection) -> tuple[float, float, float, float]:
+    return (d.cx - d.extent / 2, d.cy - d.extent / 2, d.cx + d.extent / 2, d.cy + d.extent / 2)
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def _regions(image) -> list[Detection]:
+    image = as_uint8_image(image)
+    if image.shape[0] > MAX_SIDE:
+        image = np.asarray(Image.fromarray(image).resize((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX))
+    return segment(image)[1]
+
+
+def judge_class(image, label: str) -> dict[str, bool]:
+    """A class-conditional image against its label: the largest region's colour and shape."""
+    colour, shape = split_label(label)
+    regions = _regions(image)
+    top = regions[0] if regions else None
+    return {"colour": top is not None and top.colour == colour, "shape": top is not None and top.shape == shape}
+
+
+def judge_layout(image, layout) -> list[ObjectVerdict]:
+    """A layout-conditional image against its layout ((label, box) objects), object by object."""
+    regions = _regions(image)
+    verdicts = []
+    for label, box in layout:
+        colour, shape = split_label(label)
+        same = [r for r in regions if r.colour == colour]
+        best = max(same, key=lambda r: box_iou(detection_box(r), box), default=None)
+        verdicts.append(ObjectVerdict(label, tuple(box), best is not None, best is not None and best.shape == shape,
+                                      0.0 if best is None else box_iou(detection_box(best), box), best))
+    return verdicts
+
+
+def condition_accuracy(images: Iterable, conditions: Iterable) -> dict[str, float]:
+    """Accuracy over many images: labels (str) give colour/shape/all rates per image; layouts give
+    per-object colour, shape, placed (IoU >= LAYOUT_IOU), all, and the mean IoU."""
+    rows = []
+    for image, condition in zip(images, conditions):
+        if isinstance(condition, str):
+            v = judge_class(image, condition)
+            rows.append({**v, "all": v["colour"] and v["shape"]})
+        else:
+            rows += [{"colour": o.colour, "shape": o.shape, "placed": o.placed, "all": o.correct, "iou": o.iou}
+                     for o in judge_layout(image, condition)]
+    if not rows:
+        return {}
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} | {"n": len(rows)}
