@@ -8,7 +8,7 @@ import ctxdiff
 
 PACKAGE = Path(ctxdiff.__file__).parent
 # A module may import from its own layer and the layers before it, never from a later one.
-LAYERS = [("errors", "checkpoints", "recipes"), ("diffusion", "data", "shapes"), ("models",), ("formats",), ("metrics",),
+LAYERS = [("errors", "safe_pickle", "checkpoints", "recipes", "distributed"), ("diffusion", "data", "shapes"), ("models",), ("formats",), ("metrics",),
           ("pipelines",), ("training", "evaluation", "recipe_docs"), ("cli",)]
 
 
@@ -30,6 +30,11 @@ def imports(path: Path) -> set[str]:
 def layer(module: str) -> int:
     top = module.split(".")[1] if "." in module else ""
     return next((i for i, names in enumerate(LAYERS) if top in names), -1)
+
+
+def test_every_module_has_a_layer():
+    tops = {m.split(".")[1] for m in modules() if "." in m} - {"__main__", "assets"}
+    assert tops <= {name for names in LAYERS for name in names}
 
 
 def test_no_package_file_is_over_600_lines():
