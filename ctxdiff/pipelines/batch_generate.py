@@ -18,6 +18,19 @@ from ctxdiff.pipelines.text2image import Text2Image
 from ctxdiff.recipes import SampleConfig
 
 
+def progress_steps(pipe, params: SampleConfig, strength: float | None = None) -> int:
+    """Steps one batch of `pipe.sample(..., params)` reports to its progress bar (one per sampler step of each
+    stage); with an init image of `strength` (img2img / inpainting), only the steps below round(S T) run."""
+    from ctxdiff.diffusion.samplers import timesteps_for
+    from ctxdiff.pipelines.init_image import start_step, start_timesteps
+
+    stages = [params.steps] + ([params.sr_steps] if getattr(pipe, "sr", None) is not None else [])
+    if strength is None:
+        return sum(stages)
+    start = start_step(pipe.sched.T, strength)
+    return sum(len(start_timesteps(timesteps_for(pipe.sched.T, n, params.spacing), start)) - 1 for n in stages)
+
+
 def sample_captions(captions: list[str], n: int, seed: int) -> list[str]:
     """n captions drawn without replacement (seeded), as the paper samples 30K MS-COCO captions."""
     if len(captions) < n:
