@@ -143,6 +143,22 @@ def test_plain_sd_video_without_adapter_reduces_to_per_frame_ddim_on_a_static_vi
         torch.testing.assert_close(video_inv.trajectory[:, f], image_inv.trajectory[:, 0], atol=1e-4, rtol=0)
 
 
+def test_edict_inversion_of_a_tiny_sd_model_is_exact_in_latent_space(sd, video):
+    """Exact inversion (docs/math.md#exact-inversion) on random SD-shaped weights, with a fresh
+    spatio-temporal adapter made non-zero: sampling back returns the VAE latents of the clip."""
+    from ctxdiff.pipelines.video_edit import sample_back
+
+    model = load_video_model(sd["a"])
+    model.adapter = perturbed(model.new_adapter(window=3), 0.1).eval()
+    clip = read_source(video, FRAMES, 2, 0, model.image_size)
+    inversion = invert_video(model, clip, SRC, InversionParams(steps=6, method="edict", max_t=950))
+    z = model.to_model(clip.frames)
+    cond = model.encode(SRC, FRAMES)
+    back = sample_back(model, inversion, model.x0_fn(FRAMES), cond, model.adapter_fn(FRAMES))
+    assert (back - z).abs().max() < 1e-4
+    assert (model.adapter_fn(FRAMES)(z, cond, torch.full((FRAMES,), 500)).abs().max()) > 1e-3   # r != 0
+
+
 # -- the CLI ---------------------------------------------------------------------------------------
 
 def test_tune_invert_edit_on_stable_diffusion_through_the_cli(sd, video, tmp_path, capsys):
