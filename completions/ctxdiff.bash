@@ -12,7 +12,7 @@ _ctxdiff() {
       case "$prev" in --cross-mode) choices="replace refine";; esac
       case "$prev" in --spacing) choices="leading trailing linspace";; esac
       ;;
-    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --device --json --quiet -q --debug --help -h"
+    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --force --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --device --json --quiet -q --debug --help -h"
       ;;
     "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --eta --guidance -g --no-adapter --out -o --grid --batch-size --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --sampler) choices="ddim ddpm";; esac
@@ -22,9 +22,9 @@ _ctxdiff() {
       ;;
     "shapes") opts="--n --seed --size --videos --frames --force --device --json --quiet -q --debug --help -h"
       ;;
-    "train") opts="--recipe -r --set --resume --print-recipe --device --json --quiet -q --debug --help -h"
+    "train") opts="--recipe -r --set --resume --print-recipe --force --device --json --quiet -q --debug --help -h"
       ;;
-    "tune-video") opts="--prompt -p --model -m --adapter --out -o --recipe -r --set --steps --frames --stride --start --lr --seed --no-adapter --resume --device --json --quiet -q --debug --help -h"
+    "tune-video") opts="--prompt -p --model -m --adapter --out -o --recipe -r --set --steps --frames --stride --start --lr --seed --no-adapter --resume --force --device --json --quiet -q --debug --help -h"
       ;;
   esac
   if [[ -n "$choices" ]]; then COMPREPLY=($(compgen -W "$choices" -- "$cur")); return; fi

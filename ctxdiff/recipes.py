@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import reprlib
 import types
@@ -380,6 +381,22 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_finite_fields(obj: Any, *names: str) -> None:
+    """Each named float field (or tuple of floats; None skipped) of `obj` is a number: YAML reads
+    `.nan` and `.inf`, and a NaN passes every `<`/`>` range check."""
+    for name in names:
+        value = getattr(obj, name)
+        values = value if isinstance(value, tuple) else (value,)
+        _check(all(v is None or math.isfinite(v) for v in values), f"{name} must be a finite number, got {value}")
+
+
+SEED_LIMIT = 2**64   # seeds are 0 .. 2**64 - 1 (what torch.Generator and numpy take)
+
+
+def check_seed_range(value: int, name: str = "seed") -> None:
+    _check(0 <= value < SEED_LIMIT, f"{name} must be in 0 .. 2**64-1, got {value}")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The noise process and the training loss (Eq. 1, 6)."""
@@ -393,6 +410,7 @@ class DiffusionConfig:
     high_noise_from: float = 0.9   # (sample_timesteps: where the layout is learned from the text)
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "min_snr_gamma", "cond_drop_prob", "high_noise_share", "high_noise_from")
         _check(self.timesteps >= 1, f"timesteps must be >= 1, got {self.timesteps}")
         _check(0 <= self.high_noise_share <= 1, f"high_noise_share must be in [0, 1], got {self.high_noise_share}")
         _check(0 <= self.high_noise_from < 1, f"high_noise_from must be in [0, 1), got {self.high_noise_from}")
@@ -432,6 +450,9 @@ class TrainConfig:
     RETIRED: ClassVar[dict] = {"shape_loss": 0.0}   # keys of files written before they were removed
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "lr", "weight_decay", "adam_betas", "grad_clip", "ema_decay", "lowres_noise_level",
+                            "layout_loss")
+        check_seed_range(self.seed)
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")
@@ -476,6 +497,7 @@ class DataConfig:
         for name in ("image_size", "shapes_count", "num_frames", "frame_stride"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be >= 1, got {value}")
+        check_seed_range(self.shapes_seed, "shapes_seed")
 
 
 @dataclass(frozen=True)
@@ -506,6 +528,7 @@ class SampleConfig:
             close = difflib.get_close_matches(spelled, self.SAMPLERS, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"sampler {self.sampler!r} is unknown; {hint}choose one of {', '.join(self.SAMPLERS)}")
+        check_finite_fields(self, "eta", "guidance", "lowres_noise_level")
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.sr_steps >= 1, f"sr_steps must be >= 1, got {self.sr_steps}")
         _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")

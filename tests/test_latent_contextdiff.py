@@ -368,7 +368,7 @@ def test_non_sd_inputs_are_one_line_errors(tmp_path, sd_path, capsys):
              (["--model", str(adapter)], "pass it with --adapter", 1),
              (["--model", str(sd_path), "--adapter", str(sd_path)], "not a latent adapter", 1),
              (["--model", str(t2i), "--adapter", str(adapter)], "only for Stable Diffusion checkpoints", 2),
-             (["--model", str(sd_path), "--height", "15"], "multiple of 2", 1)]
+             (["--model", str(sd_path), "--height", "15"], "15 is not a multiple of 8", 2)]   # a bad value: usage
     for i, (args, message, code) in enumerate(cases):
         assert main(["generate", "x", *args, "--out", str(tmp_path / f"o{i}")]) == code, args
         err = capsys.readouterr().err.strip()

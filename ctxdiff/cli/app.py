@@ -63,7 +63,7 @@ class GlobalOptions:
 
 _OPTIONS = GlobalOptions()
 
-DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps"
 JSON_HELP = "Machine-readable JSON lines on stdout; people's output goes to stderr."
 QUIET_HELP = "No progress bars or tables."
 DEBUG_HELP = "Show the full traceback of a failure."
@@ -118,6 +118,9 @@ def with_global_options(fn: Callable) -> Callable:
         _OPTIONS.json |= kwargs.pop("global_json", False)
         _OPTIONS.quiet |= kwargs.pop("global_quiet", False)
         _OPTIONS.debug |= kwargs.pop("global_debug", False)
+        from ctxdiff.cli.common import check_device_name   # (common imports this module)
+
+        check_device_name(_OPTIONS.device)                 # every command, before any work
         return fn(*args, **kwargs)
 
     command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])

@@ -9,11 +9,11 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import pick_device
+from ctxdiff.cli.common import check_finite, check_steps, model_files, pick_device
 from ctxdiff.cli.generate import safe_stem
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
 from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED,
-                                      Spacing, clip_settings, refuse_existing, source_prompt)
+                                      Spacing, check_adapter_flag, check_video_output, clip_settings, source_prompt)
 from ctxdiff.errors import UsageError
 
 
@@ -35,7 +35,7 @@ def edit(
                                                        "(default: edits/<name>-<target>.mp4)."),
     side_by_side_: bool = typer.Option(False, "--side-by-side", help="Write source and edit next to each other."),
     steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps when inverting here (paper: T = 20)."),
-    guidance: float = typer.Option(7.5, "--guidance", "-g", min=0.0, help="Classifier-free guidance weight."),
+    guidance: float = typer.Option(7.5, "--guidance", "-g", min=0.0, callback=check_finite, help="Classifier-free guidance weight."),
     self_replace: float = typer.Option(0.5, "--self-replace", min=0.0, max=1.0,
                                        help="Fraction of steps with stored self-attention."),
     cross_replace: float = typer.Option(0.8, "--cross-replace", min=0.0, max=1.0,
@@ -57,18 +57,26 @@ def edit(
     """Edit a video to match the target prompt; prints text alignment and temporal consistency."""
     from ctxdiff.data.video import side_by_side, write_video
     from ctxdiff.pipelines.video_edit import EditParams, InversionParams, check_inversion, edit_scores, edit_video, invert_video, read_source
-    from ctxdiff.formats.inversion import load_inversion
     from ctxdiff.pipelines.video import load_video_model
 
+    if not tgt.strip():
+        raise UsageError("--tgt is empty: pass the target prompt, what the edited video should show")
+    if src is not None and not src.strip():
+        raise UsageError("--src is empty: pass \"what the video shows\", or leave --src out to use the recorded one")
     path = out or Path("edits") / f"{video.stem or video.name}-{safe_stem(tgt)}.mp4"
-    refuse_existing(path, force)
-    vmodel = load_video_model(model, tuned, pick_device(), adapter)
+    check_video_output(path, force)
+    check_adapter_flag(model, tuned, adapter)
+    device = pick_device()
+    with model_files(model, tuned, adapter):
+        vmodel = load_video_model(model, tuned, device, adapter)
+    if inversion_file is None:
+        check_steps(steps, vmodel.sched.T)
     if no_adapter and vmodel.adapter is None:
         warn("this model has no adapter; --no-adapter changes nothing")
     params = EditParams(guidance, self_replace, cross_replace, cross_mode.value, blend_threshold, not no_fusion,
                         not no_adapter)
     if inversion_file is not None:
-        inversion = load_inversion(inversion_file)
+        inversion = _read_inversion(inversion_file)
         check_inversion(vmodel, inversion, str(inversion_file))
         if Path(inversion.source) != video.resolve():
             raise UsageError(f"{inversion_file}: inverts {inversion.source}, not {video}; pass that video or "
@@ -76,6 +84,7 @@ def edit(
         if src and src != inversion.prompt:
             raise UsageError(f"{inversion_file}: inverted with the prompt {inversion.prompt!r}, not {src!r}; "
                              "drop --src or invert again")
+        _check_clip_flags(inversion_file, len(inversion.frames), frames, stride, start)
         text = inversion.prompt
         total = len(inversion.timesteps)
     else:
@@ -107,3 +116,27 @@ def edit(
         shown_scores = {label: scores[key] for key, label in names.items() if key in scores}
         print_table(f"edited {len(result.frames)} frames -> {path}", list(shown_scores),
                     [list(shown_scores.values())])
+
+
+def _check_clip_flags(path: Path, inverted: int, frames: int | None, stride: int | None, start: int | None) -> None:
+    """With --inversion the frames are the inversion's: --frames of another length is a usage error;
+    --stride and --start, which it does not record, are a note that they change nothing."""
+    if frames is not None and frames != inverted:
+        raise UsageError(f"--frames {frames}: {path} inverts {inverted} frames; drop --frames, or invert "
+                         f"again with --frames {frames}")
+    ignored = [flag for flag, value in (("--stride", stride), ("--start", start)) if value is not None]
+    if ignored:
+        warn(f"{' and '.join(ignored)}: ignored with --inversion (its {inverted} frames were chosen when inverting)")
+
+
+def _read_inversion(path: Path):
+    """An inversion file from `ctxdiff invert`; one whose records do not read is a damaged file (exit 1)."""
+    from ctxdiff.errors import CtxdiffError
+    from ctxdiff.formats.inversion import load_inversion
+
+    with model_files(path):
+        try:
+            return load_inversion(path)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CtxdiffError(f"{path}: not a usable inversion file (its records do not read: {exc!r}); invert "
+                               "again with `ctxdiff invert`") from None

@@ -15,7 +15,7 @@ import typer
 
 import ctxdiff
 from ctxdiff.cli.app import app
-from ctxdiff.cli.common import pick_device
+from ctxdiff.cli.common import SEED_LIMIT, check_finite, check_output, check_seed, check_steps, model_files, pick_device
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar
 from ctxdiff.errors import CtxdiffError, UsageError
 
@@ -135,9 +135,14 @@ def kid_metric(req: EvalRequest) -> MetricResult:
 
 
 def _pipeline(req: EvalRequest):
+    """The --model bundle; --steps and --bpd-timesteps are checked against its T before any work."""
     from ctxdiff.pipelines.text2image import Text2Image
 
-    return Text2Image.from_bundle(req.model, req.device)
+    with model_files(req.model):
+        pipe = Text2Image.from_bundle(req.model, req.device)
+    check_steps(req.steps, pipe.sched.T)
+    check_steps(req.bpd_timesteps, pipe.sched.T, "--bpd-timesteps")
+    return pipe
 
 
 def _sampling_params(req: EvalRequest, pipe):
@@ -304,10 +309,12 @@ def evaluate(
     clip_weights: str | None = typer.Option(None, "--clip-weights", help="CLIP weights file; default: the bundled shapes CLIP."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     out: Path | None = typer.Option(None, "--out", help="Also write the result JSON to this file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out or --save-stats file."),
     model: Path | None = typer.Option(None, "--model", help="fid/kid: generate --fake from --prompts first (zero-shot protocol); bpd: the model."),
     num: int | None = typer.Option(None, "--num", "-n", min=1, help="Images to generate (zero-shot) or to score (bpd)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the caption sample and of image i (seed + i)."),
-    guidance: float | None = typer.Option(None, "--guidance", min=0.0, help="Guidance weight for generation (default: the model's)."),
+    seed: int = typer.Option(0, "--seed", callback=check_seed,
+                             help="Seed of the caption sample and of image i (seed + i), 0 .. 2**64-1."),
+    guidance: float | None = typer.Option(None, "--guidance", min=0.0, callback=check_finite, help="Guidance weight for generation (default: the model's)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Sampling steps for generation (default: the model's)."),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="Generate / score with r = 0 (plain diffusion)."),
     data: str | None = typer.Option(None, "--data", help="bpd: held-out images (a folder with .txt captions, or 'shapes')."),
@@ -318,6 +325,10 @@ def evaluate(
     and temporal consistency, or the shapes judge."""
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}'; use one of: {', '.join(METRICS)}")
+    _check_outputs(out, save_stats, fake if (model is not None or sweep) else None, force)
+    if model is not None and num is not None and seed + num > SEED_LIMIT:
+        raise UsageError(f"--seed {seed} with -n {num}: image i is made with seed + i, past 2**64-1; pass a smaller "
+                         "--seed")
     request = EvalRequest(metric, real, fake, save_stats, features, images, list(videos or []), prompts,
                           prompt, clip_arch, clip_weights, batch_size, str(pick_device()),
                           model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps)
@@ -329,6 +340,21 @@ def evaluate(
 
         write_json_atomic(out, result.record)
         info(f"wrote {out}")
+
+
+def _check_outputs(out: Path | None, save_stats: Path | None, fake: Path | None, force: bool) -> None:
+    """--out and --save-stats are files, replaced only with --force; --fake, where generated images
+    go, a folder that can be written (the protocol itself checks what is already in it)."""
+    if out is not None:
+        check_output(out, "file", force=force, flag="--out")
+    if save_stats is not None:
+        if save_stats.suffix != ".npz":
+            raise UsageError(f"--save-stats {save_stats}: statistics files end in .npz")
+        check_output(save_stats, "file", force=force, flag="--save-stats")
+    if out is not None and save_stats is not None and out.absolute() == save_stats.absolute():
+        raise UsageError(f"--out and --save-stats are the same file ({out}); pass two paths")
+    if fake is not None:
+        check_output(fake, "folder", flag="--fake")
 
 
 def run_sweep(req: EvalRequest, sweep: str) -> MetricResult:

@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import pick_device
+from ctxdiff.cli.common import check_steps, model_files, pick_device
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
 from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, FRAMES, MODEL, REFINE, SPACING, START, STRIDE, TUNED,
-                                      Spacing, clip_settings, refuse_existing, source_prompt)
+                                      Spacing, check_adapter_flag, clip_settings, refuse_existing, source_prompt)
 
 
 @app.command()
@@ -43,7 +43,11 @@ def invert(
 
     path = out or Path(f"{source.stem or source.name}.inversion.safetensors")
     refuse_existing(path, force)
-    vmodel = load_video_model(model, tuned, pick_device(), adapter)
+    check_adapter_flag(model, tuned, adapter)
+    device = pick_device()
+    with model_files(model, tuned, adapter):
+        vmodel = load_video_model(model, tuned, device, adapter)
+    check_steps(steps, vmodel.sched.T)
     text = source_prompt(prompt, source, (vmodel.tuned_on or {}).get("prompt"))
     if no_adapter and vmodel.adapter is None:
         warn("this model has no adapter; --no-adapter changes nothing")

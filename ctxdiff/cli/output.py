@@ -21,22 +21,29 @@ def _stderr() -> Console:
     """The console on stderr, made at first use (`--version` and completion never import rich)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, emoji=False)
 
 
 def error(message: str) -> None:
-    """One line, no traceback."""
-    _stderr().print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    """One line, no traceback. (Messages are never read as rich markup: a prompt or path holding
+    "[/]" prints as it is.)"""
+    _stderr().print(f"[bold red]error:[/] {_escape(message)}", markup=True, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     if not options().quiet:
-        _stderr().print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+        _stderr().print(f"[yellow]warning:[/] {_escape(message)}", markup=True, soft_wrap=True)
 
 
 def info(message: str) -> None:
     if not options().quiet:
-        _stderr().print(message, soft_wrap=True)
+        _stderr().print(message, markup=False, soft_wrap=True)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def emit_json(record: dict[str, Any]) -> None:
@@ -52,11 +59,13 @@ def print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -
         return
     from rich.table import Table
 
-    table = Table(title=title)
+    from rich.text import Text
+
+    table = Table(title=Text(title))
     for column in columns:
-        table.add_column(column)
+        table.add_column(Text(column))
     for row in rows:
-        table.add_row(*[_fmt(v) for v in row])
+        table.add_row(*[Text(_fmt(v)) for v in row])
     _stderr().print(table)
 
 
@@ -115,4 +124,4 @@ class LineProgress(ProgressHandle):
             elapsed = time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - self.started))
             extra = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
             _stderr().print(f"{self.description} {self.done}/{self.total} ({100 * self.done // self.total}%) "
-                         f"{elapsed} {extra}".rstrip(), soft_wrap=True)
+                            f"{elapsed} {extra}".rstrip(), markup=False, soft_wrap=True)

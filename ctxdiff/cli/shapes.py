@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app
+from ctxdiff.cli.common import check_output, check_seed
 from ctxdiff.cli.output import emit_json, info, progress_bar
 
 
@@ -14,10 +15,11 @@ from ctxdiff.cli.output import emit_json, info, progress_bar
 def shapes(
     out_dir: Path = typer.Argument(..., help="Folder to write into (new or empty, unless --force)."),
     n: int = typer.Option(100, "--n", min=1, help="How many samples."),
-    seed: int = typer.Option(0, "--seed", help="World seed: the same seed writes the same samples."),
-    size: int = typer.Option(64, "--size", min=8, help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", callback=check_seed,
+                             help="World seed, 0 .. 2**64-1: the same seed writes the same samples."),
+    size: int = typer.Option(64, "--size", min=8, max=2048, help="Image side in pixels."),
     videos: bool = typer.Option(False, "--videos", help="Write videos of a moving shape instead of images."),
-    frames: int = typer.Option(8, "--frames", min=2, help="Frames per video (with --videos)."),
+    frames: int = typer.Option(8, "--frames", min=2, max=1000, help="Frames per video (with --videos)."),
     force: bool = typer.Option(False, "--force", help="Write into a folder that is not empty (same names are overwritten)."),
 ) -> None:
     """Write captioned samples of the shapes world: NNNNN.png + NNNNN.txt pairs, or with --videos
@@ -25,7 +27,8 @@ def shapes(
     from ctxdiff.shapes.datasets import prepare_folder, write_samples
 
     kind = "videos" if videos else "images"
-    prepare_folder(out_dir, force)            # refuse a full folder before the progress bar starts
+    check_output(out_dir, "folder", force=force, empty=True, flag="OUT_DIR")
+    prepare_folder(out_dir, force)
     with progress_bar(f"writing {kind}", total=n) as bar:
         def written(index: int, path: Path, caption: str) -> None:
             emit_json({"index": index, "path": str(path), "caption": caption})

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import graceful_interrupt, pick_device
+from ctxdiff.cli.common import check_output, check_run_start, graceful_interrupt, pick_device
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar
 
 
@@ -18,6 +18,8 @@ def train(
     set_: list[str] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=1e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the recipe's output folder exactly."),
     print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe (YAML) and exit."),
+    force: bool = typer.Option(False, "--force", help="Start the run over: remove the files a run writes in the "
+                                                      "output folder first (never the folder's other files)."),
 ) -> None:
     """Train a ContextDiff model (base or super-resolution stage), an adapter over a Stable Diffusion
     checkpoint (a recipe with `latent:`), or the small CLIP, from a recipe."""
@@ -30,6 +32,9 @@ def train(
         typer.echo(dump_recipe(resolved), nl=False)
         return
     device = pick_device()
+    out = Path(resolved.output)
+    check_output(out, "folder", flag="output")
+    check_run_start(out, resume, force)
     if resolved.latent is not None:
         from ctxdiff.training.latent_adapter import LatentAdapterTrainer as Trainer
     elif resolved.train.stage == "clip":

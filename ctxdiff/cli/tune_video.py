@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import graceful_interrupt, pick_device
+from ctxdiff.cli.common import (check_finite, check_output, check_run_start, check_seed, graceful_interrupt,
+                                model_files, pick_device)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import ADAPTER, source_prompt
+from ctxdiff.cli.video_common import ADAPTER, check_adapter_flag, source_prompt
 
 
 @app.command("tune-video")
@@ -26,11 +27,14 @@ def tune_video(
     frames: int = typer.Option(None, "--frames", min=1, help="Frames to tune on (Tab. 8: 8..24; default 8)."),
     stride: int = typer.Option(None, "--stride", min=1, help="Take every n-th frame (Tab. 8 sampling rate: 2)."),
     start: int = typer.Option(None, "--start", min=0, help="First frame to take."),
-    lr: float = typer.Option(None, "--lr", min=0.0, help="AdamW learning rate (Tab. 8: 1e-5)."),
-    seed: int = typer.Option(None, "--seed", help="Seed of the diffusion steps and noise (default 0)."),
+    lr: float = typer.Option(None, "--lr", min=0.0, callback=check_finite, help="AdamW learning rate (Tab. 8: 1e-5)."),
+    seed: int = typer.Option(None, "--seed", callback=check_seed,
+                             help="Seed of the diffusion steps and noise, 0 .. 2**64-1 (default 0; recorded)."),
     no_adapter: bool = typer.Option(False, "--no-adapter",
                                     help="Tune without the adapter (the Tune-A-Video baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    force: bool = typer.Option(False, "--force", help="Start the run in --out over: remove the files a run writes "
+                                                      "there first (never the folder's other files)."),
 ) -> None:
     """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8)."""
     from ctxdiff.pipelines.video_edit import read_source
@@ -40,9 +44,17 @@ def tune_video(
     config = load_tune_config(recipe, set_ or [], steps=steps, frames=frames, stride=stride, start=start, lr=lr,
                               seed=seed, adapter=False if no_adapter else None)
     text = source_prompt(prompt, video)
-    vmodel = load_video_model(model, None, pick_device(), adapter, window=config.window)
-    clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size)
     run = out or Path("runs") / f"tune-{video.stem or video.name}"
+    check_output(run, "folder")
+    if not force:
+        check_run_start(run, resume, force)          # refused before the model loads
+    check_adapter_flag(model, None, adapter)
+    device = pick_device()
+    with model_files(model, adapter):
+        vmodel = load_video_model(model, None, device, adapter, window=config.window)
+    clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size)
+    if force:
+        check_run_start(run, resume, force)          # replaces a run's files only once all else is known good
     tuner = VideoTuner(vmodel, clip, text, config, run, resume=resume, log=info)
     if config.adapter and vmodel.adapter is None:
         warn("the base model has no adapter; tuning without one")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ctxdiff.cli.common import check_output
 from ctxdiff.errors import UsageError
 
 
@@ -46,6 +47,8 @@ def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag:
     'prompt' of the video's sidecar JSON; a usage error when there is none."""
     from ctxdiff.data.video import video_prompt
 
+    if given is not None and not given.strip():
+        raise UsageError(f"{flag} is empty: pass \"what the video shows\", or leave {flag} out to use the recorded one")
     for prompt in (given, *fallbacks):
         if prompt:
             return prompt
@@ -55,7 +58,34 @@ def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag:
     raise UsageError(f"no source prompt for {source}: pass {flag} \"what the video shows\"")
 
 
+def check_adapter_flag(model: Path | None, tuned: Path | None, adapter: Path | None) -> None:
+    """--adapter goes with a Stable Diffusion --model; with a t2i bundle (given, or the bundled one
+    when neither --model nor --tuned is) it is a usage error, as in `generate`. (A tuned file names
+    its own base; its loader checks that one.)"""
+    from ctxdiff.formats.latent_adapter import is_sd_model
+
+    if adapter is None or (model is None and tuned is not None):
+        return
+    if model is not None and (not Path(model).exists() or is_sd_model(model)):
+        return
+    what = f"{model} is a ctxdiff t2i bundle" if model is not None else "the bundled model is a ctxdiff t2i bundle"
+    raise UsageError(f"--adapter: only for Stable Diffusion checkpoints; {what} (it carries its own adapter)")
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")
+
+
+def check_video_output(path: Path, force: bool) -> None:
+    """An edited video's --out: .mp4, .webm, .gif or a folder of frames (no suffix), writable, not
+    replacing anything without --force; a usage error (exit 2) before any work."""
+    from ctxdiff.data.video import WRITABLE
+
+    folder = path.is_dir() or not path.suffix
+    if not folder and path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(f"--out {path}: cannot write '{path.suffix}' videos; write one of: {', '.join(WRITABLE)}")
+    check_output(path, "folder" if folder else "file", force=force, empty=folder)
+
+
 def refuse_existing(path: Path, force: bool) -> None:
-    """Refuse to replace an existing output without --force."""
-    if path.exists() and not force:
-        raise UsageError(f"{path}: already exists; choose another --out, or pass --force to replace it")
+    """A file output (an inversion): writable, and not replacing one without --force."""
+    check_output(path, "file", force=force)

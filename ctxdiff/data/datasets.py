@@ -188,7 +188,7 @@ def batch_indices(length: int, seed: int, step: int, batch_size: int) -> list[in
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, length)
         if epoch not in epoch_cache:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)   # seeds go up to 2**64 - 1
             epoch_cache[epoch] = torch.randperm(length, generator=generator)
         indices.append(int(epoch_cache[epoch][offset]))
     return indices

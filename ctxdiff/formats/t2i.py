@@ -91,3 +91,25 @@ class T2IFile:
 def _damaged(path: Path, what: str) -> CtxdiffError:
     return CtxdiffError(f"{path}: not a usable t2i bundle: {what}; write it again with `ctxdiff train`, "
                         "or pass another --model")
+
+
+def trained_on(path: str | Path) -> str | None:
+    """The `data.source` of the recipe a t2i bundle was trained with ("shapes" for the shapes world,
+    else a folder, manifest or shards), read from its header alone; None when the file does not
+    record one (or cannot be read: its loader names what is wrong)."""
+    import json
+
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (OSError, safetensors.SafetensorError, ValueError):
+        return None
+    source = _get(_get(_get(extra, "recipe"), "data"), "source")
+    return source if isinstance(source, str) else None
+
+
+def _get(mapping: object, key: str) -> object:
+    return mapping.get(key) if isinstance(mapping, dict) else None

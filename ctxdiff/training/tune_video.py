@@ -29,7 +29,7 @@ from ctxdiff.diffusion import diffusion_loss
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.tuned import save_tuned
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
-from ctxdiff.recipes import apply_overrides, from_dict, read_recipe_data, to_dict
+from ctxdiff.recipes import apply_overrides, check_finite_fields, check_seed_range, from_dict, read_recipe_data, to_dict
 from ctxdiff.training.trainer import step_seed
 from ctxdiff.training.trainer import check_run_folder
 
@@ -59,6 +59,10 @@ class TuneConfig:
     seed: int = 0  # of noise, timesteps and dropout: a run is a function of it
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "lr", "weight_decay", "adam_betas", "grad_clip")
+        check_seed_range(self.seed)
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be in [0, 1), got {self.adam_betas}")
         for name in ("steps", "frames", "stride", "window", "checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
