@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import typer
 
 from ctxdiff import __version__
+from ctxdiff.errors import UsageError
 
 PANEL = "Global options (also before the subcommand)"
 
@@ -67,6 +69,15 @@ DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps"
 JSON_HELP = "Machine-readable JSON lines on stdout; people's output goes to stderr."
 QUIET_HELP = "No progress bars or tables."
 DEBUG_HELP = "Show the full traceback of a failure."
+
+_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device_name(name: str) -> None:
+    """A --device value ctxdiff can run on at all (without importing torch): auto, cpu, cuda, cuda:N
+    or mps; `meta`, `xla`, ... are usage errors."""
+    if not _DEVICE_NAME.fullmatch(name):
+        raise UsageError(f"--device {name!r}: not a device ctxdiff runs on; use auto, cpu, cuda or cuda:N")
 
 
 def options() -> GlobalOptions:
@@ -118,8 +129,6 @@ def with_global_options(fn: Callable) -> Callable:
         _OPTIONS.json |= kwargs.pop("global_json", False)
         _OPTIONS.quiet |= kwargs.pop("global_quiet", False)
         _OPTIONS.debug |= kwargs.pop("global_debug", False)
-        from ctxdiff.cli.common import check_device_name   # (common imports this module)
-
         check_device_name(_OPTIONS.device)                 # every command, before any work
         return fn(*args, **kwargs)
 

@@ -18,23 +18,13 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 import typer
 
-from ctxdiff.cli.app import options
+from ctxdiff.cli.app import check_device_name, options
 from ctxdiff.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
 # --------------------------------------------------------------------------- devices
-
-_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def check_device_name(name: str) -> None:
-    """A --device value ctxdiff can run on at all (without importing torch): auto, cpu, cuda, cuda:N
-    or mps; `meta`, `xla`, ... are usage errors."""
-    if not _DEVICE_NAME.fullmatch(name):
-        raise UsageError(f"--device {name!r}: not a device ctxdiff runs on; use auto, cpu, cuda or cuda:N")
-
 
 def pick_device() -> torch.device:
     """The one place --device is resolved: auto takes CUDA when present; a device that is not here
