@@ -309,3 +309,22 @@ def test_click_usage_errors_are_one_line_too(ws):
 def test_a_prompt_holding_rich_markup_is_printed_as_it_is(ws):
     outcome = ws.run(["generate", "a red [/] circle [bold]", *tiny(ws), "--steps", "1", "--out", ws.scratch("new")])
     assert outcome.code == 0 and "a red [/] circle [bold]" in outcome.err, outcome.describe()
+
+
+# -- recipes and data the library refuses, as the command line shows them -------------------------------
+
+def test_a_recipe_that_gives_a_key_twice_is_refused(ws, tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(Path(ws.asset("recipe.yaml")).read_text() + "train:\n  batch_size: 64\n")
+    fails(ws, ["train", "--recipe", str(recipe)], 2, r"duplicate key 'train' \(first on line \d+\); keep one")
+
+
+def test_a_recipe_whose_networks_embed_another_t_is_refused_before_training(ws):
+    fails(ws, ["train", "--recipe", ws.asset("recipe.yaml"), "--set", "diffusion.timesteps=200"], 2,
+          r"model\.unet\.timesteps is 100 but diffusion\.timesteps is 200")
+
+
+def test_the_zero_shot_protocol_refuses_a_fake_folder_holding_images_it_did_not_make(ws):
+    fails(ws, ["evaluate", "--metric", "fid", "--real", ws.asset("stats.npz"), "--fake", ws.asset("real"),
+               "--model", ws.asset("tiny.safetensors"), "--prompts", ws.asset("prompts.txt"), "-n", "1", "--steps", "1",
+               "--features", f"clip:tiny-clip:{ws.asset('tiny.safetensors')}"], 1, r"which this run did not make")
