@@ -14,8 +14,7 @@ _ctxdiff() {
       ;;
     "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --force --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --device --json --quiet -q --debug --help -h"
       ;;
-    "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --eta --guidance -g --no-adapter --out -o --grid --batch-size --force --device --json --quiet -q --debug --help -h"
-      case "$prev" in --sampler) choices="ddim ddpm";; esac
+    "generate") opts="--from-file --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --karras --eta --guidance -g --no-adapter --negative --init-image --strength --mask --lora --out -o --grid --batch-size --force --device --json --quiet -q --debug --help -h"
       ;;
     "invert") opts="--prompt -p --model -m --tuned --adapter --out -o --steps --frames --stride --start --spacing --refine --attention --attention-on-cpu --no-adapter --no-check --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --spacing) choices="leading trailing linspace";; esac

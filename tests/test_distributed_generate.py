@@ -89,3 +89,37 @@ def test_two_gloo_ranks_write_byte_identical_files_to_one_process(tmp_path, monk
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert list(one) == ["00000.png", "00001.png", "00002.png"]
     assert two == one
+
+
+def test_torchrun_generate_writes_the_files_of_one_process_and_one_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from ctxdiff.models.latent import save_compvis
+    from tiny_sd import tiny_sd_models
+
+    sd = save_compvis(tmp_path / "tiny-sd.safetensors", tiny_sd_models(0))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square --negative a green cross\na yellow triangle\n")
+    common = ["--json", "--device", "cpu", "generate", "--from-file", str(prompts), "--model", str(sd), "-n", "2",
+              "--steps", "2", "--seed", "9", "--batch-size", "2", "--grid"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "ctxdiff", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ctxdiff", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    files = _files(tmp_path / "one")
+    assert len(files) == 7 and "grid.png" in files          # 3 prompts x 2 images, and the grid
+    assert _files(tmp_path / "two") == files
+
+    def records(stdout: str) -> list[dict]:
+        return sorted(({**r, "path": os.path.basename(r["path"])} for r in map(json.loads, stdout.splitlines())),
+                      key=lambda r: r["path"])
+
+    assert records(two.stdout) == records(one.stdout)
+    assert two.stderr.count("seed 9") == 1

@@ -230,3 +230,27 @@ def graceful_interrupt() -> Iterator[StopFlag]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------- sampling choices
+
+def check_sampler(value: str | None) -> str | None:
+    """A click callback: a sampler name of `SampleConfig.SAMPLERS` (ctxdiff.recipes, imported only when the
+    flag is given), or None (the model's); an unknown name is one line naming the close match, in
+    SampleConfig's words (A1111's spellings such as 'DPM++ 2M Karras' find theirs)."""
+    if value is None:
+        return None
+    from ctxdiff.recipes import SampleConfig
+
+    try:
+        return SampleConfig(sampler=value).sampler
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("sampler ")) from None
+
+
+def check_strength(value: float | None) -> float | None:
+    """A click callback: img2img strength in (0, 1], or None (the default)."""
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        raise typer.BadParameter(f"must lie in (0, 1] (the share of the steps that repaint --init-image; 1: from "
+                                 f"noise), not {value}")
+    return value

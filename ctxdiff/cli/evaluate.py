@@ -162,7 +162,16 @@ def _generate_fakes(req: EvalRequest) -> None:
     captions = sample_captions(read_prompt_lines(req.need("prompts", "--prompts FILE (captions to sample)")),
                                req.need("num", "-n N (images to generate)"), req.seed)
     pipe = _pipeline(req)
-    with progress_bar(f"generate {len(captions)} for {req.metric}", len(captions)) as bar:
+    from contextlib import nullcontext
+
+    from ctxdiff import distributed
+
+    # under torchrun the batches are dealt out to the ranks (ctxdiff/distributed.py); rank 0 shows its share
+    mine = sum(len(b) for b in distributed.share([captions[i:i + req.batch_size]
+                                                  for i in range(0, len(captions), req.batch_size)]))
+    bar_context = (progress_bar(f"generate {len(captions)} for {req.metric}", mine) if distributed.is_main()
+                   else nullcontext(None))
+    with bar_context as bar:
         generate_to_folder(pipe, captions, fake, req.seed, _sampling_params(req, pipe), req.batch_size, bar)
 
 
@@ -329,10 +338,24 @@ def evaluate(
     if model is not None and num is not None and seed + num > SEED_LIMIT:
         raise UsageError(f"--seed {seed} with -n {num}: image i is made with seed + i, past 2**64-1; pass a smaller "
                          "--seed")
+    from ctxdiff import distributed
+
+    device = pick_device()
+    zero_shot = model is not None and metric in ("fid", "kid") and not sweep
+    if zero_shot:      # torchrun: the ranks split the images; rank 0 measures and prints
+        device = distributed.join(device)
     request = EvalRequest(metric, real, fake, save_stats, features, images, list(videos or []), prompts,
-                          prompt, clip_arch, clip_weights, batch_size, str(pick_device()),
+                          prompt, clip_arch, clip_weights, batch_size, str(device),
                           model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps)
-    result = run_sweep(request, sweep) if sweep else METRICS[metric](request)
+    try:
+        if zero_shot and not distributed.is_main():
+            request.need("real", "--real DIR|STATS.npz")
+            _generate_fakes(request)
+            return
+        result = run_sweep(request, sweep) if sweep else METRICS[metric](request)
+    finally:
+        if zero_shot:
+            distributed.leave()
     print_table(f"evaluate: {metric}", result.columns, result.rows)
     emit_json(result.record)
     if out is not None:

@@ -1,42 +1,56 @@
 """`ctxdiff generate "a cat in armor" [...]`: text-to-image from a t2i bundle (default: the bundled model),
-or from a Stable Diffusion checkpoint with an optional latent adapter (`--model sd.safetensors --adapter FILE`)."""
+or from a Stable Diffusion checkpoint with an optional latent adapter (`--model sd.safetensors --adapter FILE`)
+and LoRAs; DDIM, DDPM or a context-aware solver; negative prompts; img2img and inpainting.
+
+Under `torchrun --nproc_per_node N -m ctxdiff generate ...` the batches are dealt out to the ranks
+(ctxdiff/distributed.py): every image keeps the seed and file name it has in one process, so N ranks
+write the files one process writes. Each rank prints the JSON lines of its own images as it makes
+them; rank 0 alone prints warnings, the progress of its share, the table of all images and the seed,
+and writes --grid.
+"""
 
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import asdict, replace
-from enum import Enum
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import (check_finite, check_output, check_seed, check_steps, image_seed, model_files, pick_device,
-                                read_stdin)
+from ctxdiff.cli.common import (check_finite, check_output, check_sampler, check_seed, check_steps, check_strength,
+                                image_seed, model_files, pick_device, read_stdin)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
 from ctxdiff.errors import CtxdiffError, UsageError
 
 
-class Sampler(str, Enum):
-    ddim = "ddim"
-    ddpm = "ddpm"
+# SampleConfig.SAMPLERS (ctxdiff.recipes, not imported at CLI start; tests/test_cli_generate.py keeps them equal)
+SOLVERS = ("dpmpp-2m", "dpmpp-2m-sde", "euler", "euler-a", "heun", "unipc")
+SAMPLERS = ("ddim", "ddpm", *SOLVERS, *(f"{s}-karras" for s in SOLVERS))
+DEFAULT_STRENGTH = 0.8
 
 
-def read_prompts(prompts: list[str], from_file: Path | None) -> list[str]:
-    """Prompts from arguments, a file (one per line), or stdin for '-'; blank lines are skipped.
-    Text that is not UTF-8 is one line naming the file (or stdin), line and column."""
-    from ctxdiff.data.images import read_text
+def read_prompts(prompts: list[str], from_file: Path | None, negative: str = "") -> list[tuple[str, str]]:
+    """(prompt, negative prompt) pairs from arguments, a file (one per line), or stdin for '-'; blank
+    lines are skipped. A line of a file or of stdin may carry its own negative prompt
+    ('PROMPT --negative TEXT'); other prompts get `negative` (--negative). Text that is not UTF-8 is
+    one line naming the file (or stdin), line and column."""
+    from ctxdiff.data.images import read_text, split_negative
 
-    lines: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    lines = [] if from_file is None else read_text(from_file, "prompts file").splitlines()
     for prompt in prompts:
-        lines += read_stdin().splitlines() if prompt == "-" else [prompt]
-    if from_file is not None:
-        lines += read_text(from_file, "prompts file").splitlines()
-    cleaned = [line.strip() for line in lines if line.strip()]
-    if not cleaned:
+        if prompt == "-":
+            pairs += [split_negative(line, negative) for line in read_stdin().splitlines() if line.strip()]
+        elif prompt.strip():
+            pairs.append((prompt.strip(), negative))
+    pairs += [split_negative(line, negative) for line in lines if line.strip()]
+    pairs = [(p, n) for p, n in pairs if p]
+    if not pairs:
         raise UsageError("no prompts: pass them as arguments, with --from-file FILE, or '-' to read stdin")
-    return cleaned
+    return pairs
 
 
 def safe_stem(prompt: str, limit: int = 60) -> str:
@@ -75,63 +89,145 @@ def generate(
     seed: int = typer.Option(None, "--seed", callback=check_seed, help="Seed of the first image, 0 .. 2**64-1 (random when omitted; always recorded)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Sampling steps of the base stage (default: the model's)."),
     sr_steps: int = typer.Option(None, "--sr-steps", min=1, help="Sampling steps of the super-resolution stage."),
-    sampler: Sampler = typer.Option(None, "--sampler", help="ddim (Eq. 9/11) or ddpm (Eq. 7)."),
-    eta: float = typer.Option(None, "--eta", min=0.0, callback=check_finite, help="DDIM stochasticity (0: deterministic)."),
+    sampler: str = typer.Option(None, "--sampler", callback=check_sampler, metavar="NAME", help="ddim (Eq. 9/11), ddpm (Eq. 7), or a context-aware solver: dpmpp-2m, dpmpp-2m-sde, euler, euler-a, heun, unipc (or NAME-karras) (default: the model's)."),
+    karras: bool = typer.Option(False, "--karras", help="Karras et al. sigmas (rho 7) for a solver: appends -karras to --sampler (not for ddim or ddpm)."),
+    eta: float = typer.Option(None, "--eta", min=0.0, callback=check_finite, help="ddim only: stochasticity (0: deterministic, Eq. 11; 1: DDPM-like, Eq. 9)."),
     guidance: float = typer.Option(None, "--guidance", "-g", min=0.0, callback=check_finite, help="Classifier-free guidance weight."),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="Sample with r = 0 (plain diffusion), same code path."),
+    negative: str = typer.Option(None, "--negative", help="Negative prompt: guidance away from it (the adapter keeps the prompt's context); a prompts-file line may carry its own ('PROMPT --negative TEXT')."),
+    init_image: Path = typer.Option(None, "--init-image", help="img2img: start from this image (resized to the model's size, with a note)."),
+    strength: float = typer.Option(None, "--strength", callback=check_strength, help=f"img2img: how much of --init-image is repainted, in (0, 1]: sampling starts at step S*T (default {DEFAULT_STRENGTH}; 1: from noise)."),
+    mask: Path = typer.Option(None, "--mask", help="Inpainting: a mask of --init-image's size; white is repainted, black kept."),
+    lora: list[str] = typer.Option(None, "--lora", metavar="FILE[:WEIGHT]", help="SD checkpoints: merge a LoRA (kohya/A1111 or diffusers/PEFT layout) with this weight (default 1); repeat for more."),
     out: Path = typer.Option(Path("outputs"), "--out", "-o", help="Output folder."),
     grid_: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images sampled at once."),
     force: bool = typer.Option(False, "--force", help="Write into a folder that already holds files."),
 ) -> None:
     """Generate images from text prompts (PNG text chunks carry prompt, seed and parameters)."""
+    from ctxdiff import distributed
     from ctxdiff.data.png import grid, save_png, to_uint8
+    from ctxdiff.pipelines.batch_generate import progress_steps
 
-    texts = read_prompts(prompts or [], from_file)
+    pairs = read_prompts(prompts or [], from_file, negative or "")
+    texts = [p for p, _ in pairs]
+    _check_init_flags(init_image, strength, mask)
+    if sampler is not None:
+        _sampler_name(sampler, karras, given=True)          # --karras with ddim/ddpm: before any work
     check_output(out, "folder", force=force, empty=True)
     model_path = model or default_model()
-    pipe = _pipeline(model_path, adapter, height, width, vae_tiling)
-    d = pipe.defaults
-    has_adapter = _has_adapter(pipe)
-    # params.adapter records what runs (and is written to the JSON line and PNG): an adapter is used
-    # only when the model has one and --no-adapter is not given; without one, r = 0 either way.
-    params = replace(d, sampler=sampler.value if sampler else d.sampler, steps=steps or d.steps,
-                     sr_steps=sr_steps or d.sr_steps, eta=d.eta if eta is None else eta,
-                     guidance=d.guidance if guidance is None else guidance, adapter=has_adapter and not no_adapter)
-    check_steps(params.steps, pipe.sched.T, "--steps")
-    check_steps(params.sr_steps, pipe.sched.T, "--sr-steps")
-    if no_adapter and not has_adapter:
-        warn("this model has no adapter; --no-adapter changes nothing")
-    notes = vocabulary_warnings(model_path, texts) if not _is_sd(pipe) else {}
-    for note in notes.values():
-        warn(note)
-    first_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
-    jobs = [(p, image_seed(first_seed, i * num + j)) for i, p in enumerate(texts) for j in range(num)]
-    out.mkdir(parents=True, exist_ok=True)
-    records, images_all = [], []
-    with progress_bar("generate", len(jobs) and pipe.total_steps(params) * -(-len(jobs) // batch_size)) as bar:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start:start + batch_size]
-            images = to_uint8(pipe.sample([p for p, _ in batch], [s for _, s in batch], params, progress=bar))
-            for k, ((prompt, image_seed_), image) in enumerate(zip(batch, images)):
-                index = start + k
-                meta = {"prompt": prompt, "seed": image_seed_, **asdict(params), "model": str(model_path),
-                        **({"adapter_file": str(adapter)} if adapter else {}),
-                        "size": f"{image.shape[1]}x{image.shape[0]}"}
-                path = save_png(out / f"{index:05d}-{safe_stem(prompt)}-{image_seed_}.png", image, meta)
-                record = {"path": str(path), **meta, "warnings": [notes[prompt]] if prompt in notes else []}
-                emit_json(record)
-                records.append(record)
-                images_all.append(image)
-    if grid_:
-        import numpy as np
+    loras = _lora_specs(lora or [])
+    device = distributed.join(pick_device())
+    main_rank = distributed.is_main()
+    try:
+        pipe = _pipeline(model_path, adapter, height, width, vae_tiling, loras, device)
+        d = pipe.defaults
+        has_adapter = _has_adapter(pipe)
+        # params.adapter records what runs (and is written to the JSON line and PNG): an adapter is used
+        # only when the model has one and --no-adapter is not given; without one, r = 0 either way.
+        params = replace(d, sampler=_sampler_name(sampler or d.sampler, karras, sampler is not None), steps=steps or d.steps,
+                         sr_steps=sr_steps or d.sr_steps, eta=d.eta if eta is None else eta,
+                         guidance=d.guidance if guidance is None else guidance, adapter=has_adapter and not no_adapter)
+        check_steps(params.steps, pipe.sched.T, "--steps")
+        check_steps(params.sr_steps, pipe.sched.T, "--sr-steps")
+        init, init_notes, extra = _init_image(pipe, init_image, strength, mask, params.sampler)
+        lora_meta = [{"file": str(path), "weight": weight} for path, weight in loras]
+        if lora_meta:
+            extra["loras"] = lora_meta
+        notes = vocabulary_warnings(model_path, texts) if not _is_sd(pipe) else {}
+        if main_rank:
+            if no_adapter and not has_adapter:
+                warn("this model has no adapter; --no-adapter changes nothing")
+            if eta is not None and params.sampler != "ddim":
+                warn(f"--eta applies to ddim only; {params.sampler} does not use it")
+            for line in [*init_notes, *notes.values()]:
+                warn(line)
+            for merged in getattr(pipe, "loras", []):
+                info(f"LoRA {merged.describe()}")
+        first_seed = distributed.from_main(seed if seed is not None else random.SystemRandom().randrange(2**31))
+        jobs = [(i * num + j, p, n, image_seed(first_seed, i * num + j))
+                for i, (p, n) in enumerate(pairs) for j in range(num)]
+        batches = distributed.share([jobs[k:k + batch_size] for k in range(0, len(jobs), batch_size)])
+        distributed.barrier()      # every rank has checked --out before any rank writes there
+        out.mkdir(parents=True, exist_ok=True)
+        records: list[list[dict]] = []      # per batch of this rank
+        per_batch = progress_steps(pipe, params, None if init is None else init.strength)
+        bar_context = progress_bar("generate", per_batch * len(batches)) if main_rank else nullcontext(None)
+        with bar_context as bar:
+            for batch in batches:
+                negatives = [n for _, _, n, _ in batch]
+                images = to_uint8(pipe.sample([p for _, p, _, _ in batch], [s for *_, s in batch], params, progress=bar,
+                                              negative=negatives if any(negatives) else None, init=init))
+                made = []
+                for (index, prompt, negative_prompt, image_seed_), image in zip(batch, images):
+                    meta = {"prompt": prompt, **({"negative": negative_prompt} if negative_prompt else {}),
+                            "seed": image_seed_, **asdict(params), "model": str(model_path),
+                            **({"adapter_file": str(adapter)} if adapter else {}), **extra,
+                            "size": f"{image.shape[1]}x{image.shape[0]}"}
+                    path = save_png(out / f"{index:05d}-{safe_stem(prompt)}-{image_seed_}.png", image, meta)
+                    record = {"path": str(path), **meta, "warnings": [notes[prompt]] if prompt in notes else []}
+                    emit_json(record)
+                    made.append(record)
+                records.append(made)
+        records = [r for batch in distributed.merge_in_job_order(distributed.gather(records)) for r in batch]
+        if not main_rank:
+            return
+        if grid_:
+            import numpy as np
 
-        save_png(out / "grid.png", grid(np.stack(images_all), columns=num if num > 1 else None),
-                 {"prompts": texts, "first_seed": first_seed, **asdict(params)})
-    if not options().json:
-        print_table(f"{len(records)} image(s) in {out}", ["file", "prompt", "seed"],
-                    [[Path(r["path"]).name, r["prompt"], r["seed"]] for r in records])
-    info(f"seed {first_seed}" + (" (random)" if seed is None else ""))
+            from ctxdiff.data.images import read_image
+
+            save_png(out / "grid.png", grid(np.stack([read_image(r["path"]) for r in records]),
+                                            columns=num if num > 1 else None),
+                     {"prompts": texts, "first_seed": first_seed, **asdict(params)})
+        if not options().json:
+            print_table(f"{len(records)} image(s) in {out}", ["file", "prompt", "seed"],
+                        [[Path(r["path"]).name, r["prompt"], r["seed"]] for r in records])
+        info(f"seed {first_seed}" + (" (random)" if seed is None else ""))
+    finally:
+        distributed.leave()
+
+
+def _check_init_flags(init_image: Path | None, strength: float | None, mask: Path | None) -> None:
+    given = [flag for flag, value in (("--strength", strength), ("--mask", mask)) if value is not None]
+    if init_image is None and given:
+        raise UsageError(f"{', '.join(given)}: only with --init-image PATH (img2img and inpainting start from an image)")
+
+
+def _sampler_name(name: str, karras: bool, given: bool) -> str:
+    """--sampler with --karras: NAME-karras for a solver; ddim and ddpm have no sigmas to place."""
+    if not karras:
+        return name
+    base = name.removesuffix("-karras")
+    if base in ("ddim", "ddpm"):
+        default = "" if given else " (the model's default sampler)"
+        raise UsageError(f"--karras: Karras sigmas are for the solvers ({', '.join(SOLVERS)}), not {base}{default}; "
+                         "pass --sampler with one of them")
+    return f"{base}-karras"
+
+
+def _lora_specs(specs: list[str]) -> list[tuple[Path, float]]:
+    from ctxdiff.models.latent.lora import parse_lora_spec
+
+    return [parse_lora_spec(spec) for spec in specs]
+
+
+def _init_image(pipe, path: Path | None, strength: float | None, mask: Path | None, sampler: str):
+    """(InitImage or None, notes to print, what the PNG and JSON line record) of --init-image/--strength/--mask,
+    at the model's size."""
+    if path is None:
+        return None, [], {}
+    from ctxdiff.pipelines.init_image import read_init_image, start_step
+
+    strength = DEFAULT_STRENGTH if strength is None else strength
+    if sampler.endswith("-karras") and start_step(pipe.sched.T, strength) < pipe.sched.T:
+        raise UsageError(f"--sampler {sampler} places its Karras sigmas over the whole range, so it cannot start "
+                         f"an init image at --strength {strength:g}; use {sampler.removesuffix('-karras')} or "
+                         "--strength 1")
+    size = pipe.size if _is_sd(pipe) else (pipe.image_size, pipe.image_size)
+    image, notes = read_init_image(path, size, strength, mask)
+    record = {"init_image": str(path), "strength": strength, **({"mask": str(mask)} if mask is not None else {})}
+    return image, notes, record
 
 
 def vocabulary_warnings(model: Path, prompts: list[str]) -> dict[str, str]:
@@ -167,8 +263,9 @@ def _has_adapter(pipe) -> bool:
     return pipe.has_adapter or (sr is not None and sr.adapter is not None)
 
 
-def _pipeline(model: Path, adapter: Path | None, height: int | None, width: int | None, vae_tiling: bool):
-    """A t2i bundle's cascade, or a Stable Diffusion checkpoint (with its latent adapter) in latent space."""
+def _pipeline(model: Path, adapter: Path | None, height: int | None, width: int | None, vae_tiling: bool,
+              loras: list[tuple[Path, float]], device):
+    """A t2i bundle's cascade, or a Stable Diffusion checkpoint (with its latent adapter and LoRAs) in latent space."""
     from ctxdiff.pipelines.latent import LatentText2Image
     from ctxdiff.formats.latent_adapter import is_sd_model
     from ctxdiff.pipelines.text2image import Text2Image
@@ -177,15 +274,13 @@ def _pipeline(model: Path, adapter: Path | None, height: int | None, width: int 
         raise CtxdiffError(f"{model}: no such model file or folder; pass --model (a t2i bundle from `ctxdiff train`, "
                            "or a Stable Diffusion checkpoint or diffusers folder)")
     if is_sd_model(model):
-        device = pick_device()
         with model_files(model, adapter):
             return LatentText2Image.from_checkpoint(model, adapter, device=device, height=height, width=width,
-                                                    vae_tiling=vae_tiling)
+                                                    vae_tiling=vae_tiling, loras=loras)
     given = [flag for flag, value in (("--adapter", adapter), ("--height", height), ("--width", width),
-                                      ("--vae-tiling", vae_tiling)) if value]
+                                      ("--vae-tiling", vae_tiling), ("--lora", loras)) if value]
     if given:
         raise UsageError(f"{', '.join(given)}: only for Stable Diffusion checkpoints; {model} is a ctxdiff t2i bundle "
                          "(it carries its own adapter and size)")
-    device = pick_device()
     with model_files(model):
         return Text2Image.from_bundle(model, device)
