@@ -35,7 +35,8 @@ or at t = T.
 
 `heldout` edits shapes clips drawn with unseen seeds, varied in colour, shape, size, direction, speed
 (stride), background, aspect ratio and length, to a target that changes the colour only, per arm
-(EDICT or plain DDIM inversion, adapter on or off): the share of frames the judge finds the new colour
+(EDICT with guidance away from the source prompt, or plain DDIM to t = T with classifier-free guidance,
+the old default; adapter on or off): the share of frames the judge finds the new colour
 in, the centroid path's correlation with the source's, the background's mean |edit - source|, the
 reconstruction PSNR, `edit --tgt SRC`'s PSNR (guided, fused), PSNR outside the blend mask, warp error,
 CLIP text alignment and temporal consistency, at the source's size. No setting was tuned on these clips.
@@ -351,8 +352,9 @@ HELD_OUT_EDITS = [   # (source, target, frames, (height, width), stride, seed): 
     ("a cyan cross moving down on a gray background",
      "a red cross moving down on a gray background", 24, (48, 32), 1, 9404),
 ]
-EDIT_ARMS = {"edict, adapter": ("edict", True), "edict, no adapter": ("edict", False),
-             "ddim to T, adapter": ("ddim", True), "ddim to T, no adapter": ("ddim", False)}
+EDIT_ARMS = {   # (inversion method, adapter, what guidance steers away from)
+    "edict, adapter": ("edict", True, "source"), "edict, no adapter": ("edict", False, "source"),
+    "ddim to T, adapter (old default)": ("ddim", True, "empty"), "ddim to T, no adapter": ("ddim", False, "empty")}
 
 
 def held_out_edit_clip(source: str, frames: int, size: tuple[int, int], stride: int, seed: int, model_side: int):
@@ -414,13 +416,13 @@ def heldout(args) -> None:
     rows = []
     for source, target, frames, size, stride, seed in HELD_OUT_EDITS[:args.clips]:
         clip, centres, background, box = held_out_edit_clip(source, frames, size, stride, seed, model.image_size)
-        for arm, (method, adapter) in arms.items():
+        for arm, (method, adapter, negative) in arms.items():
             params = InversionParams(steps=args.steps, method=method, adapter=adapter, attention=True,
                                      max_t=top if method == "edict" else None)
             inversion = invert_video(model, clip.model_video, source, params)
             recon = reconstruct(model, inversion)
-            edit = edit_video(model, inversion, target, EditParams(adapter=adapter))
-            same = edit_video(model, inversion, source, EditParams(adapter=adapter))
+            edit = edit_video(model, inversion, target, EditParams(adapter=adapter, negative=negative))
+            same = edit_video(model, inversion, source, EditParams(adapter=adapter, negative=negative))
             out = clip.to_source(edit.frames)
             region = None if edit.edited_region is None else clip.fit.to_source(
                 np.repeat(edit.edited_region[..., None] * np.uint8(255), 3, -1))[..., 0] > 127

@@ -120,3 +120,20 @@ def test_a_tiny_video_model_reconstructs_its_clip_exactly_through_edict(tmp_path
     assert (x - x0).abs().max() < 1e-4
     plain = reconstruct(model, invert_video(model, video, SRC, replace(params, method="ddim")))
     assert plain.psnr < 40 and np.isfinite(plain.psnr)   # plain DDIM inversion is not exact on this model
+
+
+def test_an_edit_to_the_source_prompt_guided_away_from_it_returns_the_clip(tmp_path):
+    """Negative-prompt inversion (Miyake et al. 2023) on EDICT: guiding away from the source prompt
+    toward itself leaves the inversion's own predictions, and fusion takes each chain's own maps, so
+    `edit --tgt SRC` with guidance 7.5 and fusion returns the clip; away from "" it does not."""
+    from ctxdiff.pipelines.video_edit import EditParams, edit_video
+
+    model = tiny_video_model(tmp_path)
+    clip = moving_shape_video("a red circle moving to the right", frames=4, size=16, seed=5)
+    video = Video(clip.frames, 8.0, tmp_path / "clip")
+    inversion = invert_video(model, video, SRC, InversionParams(steps=6, method="edict", attention=True, max_t=90))
+    assert {k.split(".")[1] for k in inversion.attention} == {"x", "y"}
+    same = edit_video(model, inversion, SRC, EditParams(negative="source"))
+    assert np.abs(same.frames.astype(int) - clip.frames).max() <= 1
+    classic = edit_video(model, inversion, SRC, EditParams(negative="empty"))
+    assert np.abs(classic.frames.astype(int) - clip.frames).mean() > 1

@@ -162,28 +162,39 @@ def _edict_transfer(sched: Schedule, x0_fn: Callable, z: torch.Tensor, w: torch.
 
 
 def edict_step(sched: Schedule, x0_fn: Callable, x: torch.Tensor, y: torch.Tensor, t: int, s: int,
-               adapter=None, cond=None, mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
+               adapter=None, cond=None, mix: float = EDICT_MIX, on_half=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-aware EDICT denoising step (x_t, y_t) -> (x_s, y_s) (Wallace et al. 2023):
     each chain takes an Eq. 11 step driven by the other's prediction, then the two are mixed with
-    weight `mix`. With x = y the first half-step is exactly Eq. 11; with r = 0 it is EDICT."""
+    weight `mix`. With x = y the first half-step is exactly Eq. 11; with r = 0 it is EDICT.
+    `on_half(chain)` runs before each half-step's denoiser call, naming the chain it moves ("x", "y")."""
+    _half(on_half, "x")
     x_inter = _edict_transfer(sched, x0_fn, x, y, t, s, adapter, cond, inverse=False)
+    _half(on_half, "y")
     y_inter = _edict_transfer(sched, x0_fn, y, x_inter, t, s, adapter, cond, inverse=False)
     x_s = mix * x_inter + (1 - mix) * y_inter
     return x_s, mix * y_inter + (1 - mix) * x_s
 
 
 def edict_invert_step(sched: Schedule, x0_fn: Callable, x: torch.Tensor, y: torch.Tensor, s: int, t: int,
-                      adapter=None, cond=None, mix: float = EDICT_MIX) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact inverse of `edict_step`: (x_s, y_s) -> (x_t, y_t), undoing its four lines in reverse."""
+                      adapter=None, cond=None, mix: float = EDICT_MIX, on_half=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact inverse of `edict_step`: (x_s, y_s) -> (x_t, y_t), undoing its four lines in reverse
+    (the same two denoiser calls, in the other order; `on_half` as in `edict_step`)."""
     y_inter = (y - (1 - mix) * x) / mix
     x_inter = (x - (1 - mix) * y_inter) / mix
+    _half(on_half, "y")
     y_t = _edict_transfer(sched, x0_fn, y_inter, x_inter, t, s, adapter, cond, inverse=True)
+    _half(on_half, "x")
     return _edict_transfer(sched, x0_fn, x_inter, y_t, t, s, adapter, cond, inverse=True), y_t
+
+
+def _half(on_half, chain: str) -> None:
+    if on_half is not None:
+        on_half(chain)
 
 
 @torch.no_grad()
 def invert_edict(x0_fn: Callable, x_0: torch.Tensor, timesteps: list[int], sched: Schedule, *,
-                 adapter=None, cond=None, mix: float = EDICT_MIX, callback=None,
+                 adapter=None, cond=None, mix: float = EDICT_MIX, on_half=None, callback=None,
                  progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Context-aware EDICT inversion (exact: `sample_edict` along the reversed list returns x_0 up to
     rounding, for any denoiser and adapter) along increasing `timesteps` [0, t_1, ..., t_N].
@@ -195,7 +206,7 @@ def invert_edict(x0_fn: Callable, x_0: torch.Tensor, timesteps: list[int], sched
     x, y = x_start = (x_0, x_0.clone())
     trajectory = [x_start]
     for i, (s, t) in enumerate(pairwise(timesteps)):
-        x, y = edict_invert_step(sched, x0_fn, x, y, s, t, adapter, cond, mix)
+        x, y = edict_invert_step(sched, x0_fn, x, y, s, t, adapter, cond, mix, on_half)
         trajectory.append((x, y))
         _report(callback, progress, step=i, t=t, x=x, x0_hat=None)
     return trajectory
@@ -203,13 +214,13 @@ def invert_edict(x0_fn: Callable, x_0: torch.Tensor, timesteps: list[int], sched
 
 @torch.no_grad()
 def sample_edict(x0_fn: Callable, x_T: tuple[torch.Tensor, torch.Tensor], timesteps: list[int], sched: Schedule, *,
-                 adapter=None, cond=None, mix: float = EDICT_MIX, callback=None,
+                 adapter=None, cond=None, mix: float = EDICT_MIX, on_half=None, callback=None,
                  progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-aware EDICT sampling from the pair x_T = (x, y) along decreasing `timesteps` ending at 0;
     returns (x_0, y_0). From an `invert_edict` pair under the same x0_fn it reproduces the data."""
     x, y = x_T
     for i, (t, s) in enumerate(pairwise(timesteps)):
-        x, y = edict_step(sched, x0_fn, x, y, t, s, adapter, cond, mix)
+        x, y = edict_step(sched, x0_fn, x, y, t, s, adapter, cond, mix, on_half)
         _report(callback, progress, step=i, t=t, x=x, x0_hat=None)
     return x, y
 

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 LOW_RES_FRACTION = 0.5
 
 
-def map_key(t: int, site: str, kind: str) -> str:
-    """The name of a stored map: step, site (module path) and kind ("self" or "cross")."""
-    return f"t{t:05d}.{site}.{kind}"
+def map_key(t: int, site: str, kind: str, chain: str = "") -> str:
+    """The name of a stored map: step, site (module path) and kind ("self" or "cross"); EDICT's two
+    denoiser calls of a step are told apart by the chain they move ("x", "y")."""
+    return f"t{t:05d}.{chain + '.' if chain else ''}{site}.{kind}"
 
 
 def _grid(queries: int) -> int:
@@ -58,13 +59,14 @@ class AttentionRecorder:
         self.t = 0
         self.frames = frames          # the clip's frame count (needed when it runs in windows)
         self.window = None            # the FrameWindow of the current call (None: every frame)
+        self.chain = ""               # EDICT: the chain the current call moves
 
     def wants(self, site: str, kind: str, queries: int) -> bool:
         return queries <= self.max_queries
 
     def __call__(self, site: str, kind: str, probs: torch.Tensor) -> torch.Tensor:
         kept = probs.detach().to(dtype=torch.float16, device="cpu" if self.on_cpu else probs.device)
-        key = map_key(self.t, site, kind)
+        key = map_key(self.t, site, kind, self.chain)
         if self.window is None or self.window.context == 0 and len(self.window.frames) == self.frames:
             self.maps[key] = kept
             return probs
@@ -167,6 +169,7 @@ class AttentionEditor:
         self._site_masks: dict[int, torch.Tensor] = {}
         self.t = timesteps[0]
         self.window = None            # the FrameWindow of the current call (None: every frame)
+        self.chain = ""               # EDICT: the chain the current call moves
 
     def _rows(self, per_frame: torch.Tensor) -> torch.Tensor:
         """The rows [frames of this call, ...] of a per-clip-frame tensor."""
@@ -181,10 +184,11 @@ class AttentionEditor:
 
     def wants(self, site: str, kind: str, queries: int) -> bool:
         limit = self.self_steps if kind == "self" else self.cross_steps
-        return self.index.get(self.t, limit) < limit and map_key(self.t, site, kind) in self.maps
+        return self.index.get(self.t, limit) < limit and map_key(self.t, site, kind, self.chain) in self.maps
 
     def __call__(self, site: str, kind: str, probs: torch.Tensor) -> torch.Tensor:
-        stored = self._rows(self.maps[map_key(self.t, site, kind)]).to(device=probs.device, dtype=probs.dtype)
+        stored = self._rows(self.maps[map_key(self.t, site, kind, self.chain)]).to(device=probs.device,
+                                                                                 dtype=probs.dtype)
         if kind == "self":
             return self._fuse_self(probs, stored)
         return self._fuse_cross(probs, stored)

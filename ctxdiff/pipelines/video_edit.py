@@ -36,6 +36,7 @@ from ctxdiff.pipelines.video_clip import SourceClip, read_clip, read_source  # n
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 
 CROSS_MODES = ("replace", "refine")
+NEGATIVES = ("empty", "source")   # what guidance steers away from (source: negative-prompt inversion, Miyake et al. 2023)
 CHAIN_DTYPE = torch.float64   # EDICT's chains: its steps divide by p and sqrt(abar_t), so float32 drifts (~1e-3)
 MODEL_DTYPE = torch.float32   # what `to_model` gives and the denoisers and adapters read
 
@@ -67,6 +68,7 @@ def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: Invers
         if params.method == "edict":   # both denoiser calls of a step run at its upper step: maps at t_1..t_N
             pairs = invert_edict(_called_in(x0_fn, MODEL_DTYPE), x0.to(CHAIN_DTYPE), [0, *timesteps], model.sched,
                                  adapter=_called_in(adapter, MODEL_DTYPE), cond=cond, mix=params.mix,
+                                 on_half=(lambda c: setattr(recorder, "chain", c)) if recorder else None,
                                  progress=progress)[1:]
             trajectory, partner = [x for x, _ in pairs], pairs[-1][1].cpu()
         else:
@@ -86,14 +88,15 @@ def inversion_calls(params: InversionParams) -> int:
 
 
 def sample_back(model: VideoDenoiser, inversion: Inversion, x0_fn, cond, adapter, progress=None,
-                callback=None) -> torch.Tensor:
-    """Run the inversion's own sampler (Eq. 11, or EDICT's coupled chains) from its top step to t = 0."""
+                callback=None, on_half=None) -> torch.Tensor:
+    """Run the inversion's own sampler (Eq. 11, or EDICT's coupled chains) from its top step to t = 0;
+    `on_half(chain)`: EDICT's half-steps (attention fusion takes the maps of the same chain)."""
     start = inversion.start(model.device)
     if inversion.params.method == "edict":
         start = tuple(z.to(CHAIN_DTYPE) for z in start)
         return sample_edict(_called_in(x0_fn, MODEL_DTYPE), start, inversion.sampling_steps, model.sched,
                             adapter=_called_in(adapter, MODEL_DTYPE), cond=cond, mix=inversion.params.mix, progress=progress,
-                            callback=callback)[0]
+                            callback=callback, on_half=on_half)[0]
     return sample_ddim(x0_fn, start, inversion.sampling_steps, model.sched, adapter=adapter, cond=cond,
                        progress=progress, callback=callback)
 
@@ -146,8 +149,11 @@ class EditParams:
     blend_threshold: float = 0.3
     fusion: bool = True             # False: no attention fusion (Tune-A-Video style editing)
     adapter: bool = True
+    negative: str = "source"        # guidance away from: "source" (the source prompt) or "empty" (classifier-free)
 
     def __post_init__(self) -> None:
+        if self.negative not in NEGATIVES:
+            raise ValueError(f"negative must be one of {', '.join(NEGATIVES)}, got {self.negative!r}")
         if self.cross_mode not in CROSS_MODES:
             raise ValueError(f"cross_mode must be one of {', '.join(CROSS_MODES)}, got {self.cross_mode!r}")
         for name in ("self_replace", "cross_replace", "blend_threshold"):
@@ -238,9 +244,10 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
     window = inversion.params.window
     x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None,
                         on_window=(lambda w: setattr(editor, "window", w)) if editor else None, window=window)
-    guided = classifier_free_guidance(x0_fn, model.text([""]), params.guidance)
+    negative = model.text([""] if params.negative == "empty" else [inversion.prompt])
+    guided = classifier_free_guidance(x0_fn, negative, params.guidance)
     with model.unet.controlled(editor):
         x = sample_back(model, inversion, guided, cond, model.adapter_fn(frames, use_adapter, window),
-                        progress=progress)
+                        progress=progress, on_half=(lambda c: setattr(editor, "chain", c)) if editor else None)
     out = model.to_frames(x.float())
     return EditResult(out, mode, fraction, notes, region_at(mask, *out.shape[1:3]))
