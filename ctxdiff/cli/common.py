@@ -180,23 +180,11 @@ def model_files(*paths: Path | None) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- text from stdin
 
-def decode_text(data: bytes, name: str, what: str) -> str:
-    """UTF-8 text (a byte-order mark dropped), or one line naming `name`, line and column, in the
-    words of `ctxdiff.data.images.read_text`."""
-    from ctxdiff.errors import CtxdiffError
-
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise CtxdiffError(f"{name}, line {line}, column {column}: the {what} is not UTF-8 text (byte "
-                           f"0x{data[exc.start]:02x}); save it as UTF-8") from None
-
-
 def read_stdin(what: str = "prompt input") -> str:
-    """All of stdin as UTF-8 text (see `decode_text`)."""
+    """All of stdin as UTF-8 text (`ctxdiff.data.images.decode_text`)."""
     import sys
+
+    from ctxdiff.data.images import decode_text
 
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:             # a text stream without bytes underneath (tests' StringIO)

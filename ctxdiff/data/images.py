@@ -133,12 +133,18 @@ def read_text(path: str | Path, what: str = "text file") -> str:
         raise CtxdiffError(f"{path}: no such {what}") from None
     except OSError as exc:
         raise CtxdiffError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    return decode_text(data, str(path), what)
+
+
+def decode_text(data: bytes, name: str, what: str) -> str:
+    """UTF-8 text (a byte-order mark dropped), or a CtxdiffError naming `name` (a file, "stdin"),
+    the line and the column of the first byte that is not UTF-8."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise CtxdiffError(f"{path}, line {line}, column {column}: the {what} is not UTF-8 text (byte "
+        raise CtxdiffError(f"{name}, line {line}, column {column}: the {what} is not UTF-8 text (byte "
                            f"0x{data[exc.start]:02x}); save it as UTF-8") from None
 
 

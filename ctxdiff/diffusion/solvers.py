@@ -168,17 +168,8 @@ def sample_euler(x0_fn: Callable, x_T: torch.Tensor, timesteps: list[int], sched
     """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, Alg. 1 without churn;
     diffusers' EulerDiscreteScheduler), in y: with z = y / sqrt(abar),
     z_{i+1} = z_i + (sigma_{i+1} - sigma_i)(z_i - x0_hat)/sigma_i. On integer steps it is Eq. 11 exactly."""
-    grid = solver_grid(sched, timesteps, karras)
-    x = x_T
-    for i in range(len(grid)):
-        sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
-        x0_hat = x0_fn(x, cond, _times(grid.times[i], x))
-        bias, bias_next = _biases(adapter, cond, x0_hat, grid, i)
-        z = (x - bias) / _alpha(sigma)
-        z = z + (sigma_next - sigma) * (z - x0_hat) / sigma
-        x = z * _alpha(sigma_next) + bias_next
-        _report(callback, progress, step=i, t=grid.times[i], x=x, x0_hat=x0_hat)
-    return x
+    return _euler(x0_fn, x_T, solver_grid(sched, timesteps, karras), adapter, cond, False, generator, callback,
+                  progress)
 
 
 @torch.no_grad()
@@ -189,17 +180,21 @@ def sample_euler_ancestral(x0_fn: Callable, x_T: torch.Tensor, timesteps: list[i
     EulerAncestralDiscreteScheduler), in y: an Euler step down to
     sigma_down = sqrt(sigma_{i+1}^2 - sigma_up^2), then fresh noise of std
     sigma_up = sqrt(sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2) (in z = y / sqrt(abar))."""
-    grid = solver_grid(sched, timesteps, karras)
-    x = x_T
+    return _euler(x0_fn, x_T, solver_grid(sched, timesteps, karras), adapter, cond, True, generator, callback,
+                  progress)
+
+
+def _euler(x0_fn, x, grid, adapter, cond, ancestral: bool, generator, callback, progress) -> torch.Tensor:
+    """The Euler loop of both; `ancestral`: fresh noise of std sigma_up after each step."""
     for i in range(len(grid)):
         sigma, sigma_next = grid.sigmas[i], grid.sigmas[i + 1]
         x0_hat = x0_fn(x, cond, _times(grid.times[i], x))
         bias, bias_next = _biases(adapter, cond, x0_hat, grid, i)
-        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) if ancestral else 0.0
+        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2) if ancestral else sigma_next
         z = (x - bias) / _alpha(sigma)
         z = z + (sigma_down - sigma) * (z - x0_hat) / sigma
-        if sigma_next > 0:
+        if ancestral and sigma_next > 0:
             z = z + sigma_up * _noise_like(x, generator)
         x = z * _alpha(sigma_next) + bias_next
         _report(callback, progress, step=i, t=grid.times[i], x=x, x0_hat=x0_hat)
