@@ -221,8 +221,8 @@ def test_a_tuned_sd_file_is_refused_over_another_checkpoint(sd, video, tmp_path,
 def test_adapter_option_with_a_pixel_model_is_a_one_line_error(video, tmp_path, capsys, sd):
     from ctxdiff.formats.t2i import DEFAULT_MODEL
     assert main(["edit", str(video), "--model", str(DEFAULT_MODEL), "--adapter", str(sd["a"]), "--tgt", TGT,
-                 "--out", str(tmp_path / "x")]) == 1
-    assert "--adapter is for Stable Diffusion" in one_line_error(capsys)
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--adapter: only for Stable Diffusion" in one_line_error(capsys)
 
 
 def test_half_precision_sd_tunes_float32_master_weights_under_autocast(sd, video, tmp_path):

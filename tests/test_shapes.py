@@ -281,9 +281,9 @@ def test_shapes_command_prints_a_json_line_per_sample_and_refuses_a_full_folder(
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["index"] for r in records] == [0, 1]
     assert records[1]["caption"] == (tmp_path / "out" / "00001.txt").read_text().strip()
-    assert main(["--quiet", "shapes", str(tmp_path / "out"), "--n", "2"]) == 1
+    assert main(["--quiet", "shapes", str(tmp_path / "out"), "--n", "2"]) == 2
     error = capsys.readouterr().err
-    assert "not empty" in error and "--force" in error and len(error.strip().splitlines()) == 1
+    assert "already holds files" in error and "--force" in error and len(error.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("size", [32, 64])
