@@ -424,8 +424,7 @@ def heldout(args) -> None:
             edit = edit_video(model, inversion, target, EditParams(adapter=adapter, negative=negative))
             same = edit_video(model, inversion, source, EditParams(adapter=adapter, negative=negative))
             out = clip.to_source(edit.frames)
-            region = None if edit.edited_region is None else clip.fit.to_source(
-                np.repeat(edit.edited_region[..., None] * np.uint8(255), 3, -1))[..., 0] > 127
+            region = clip.region_to_source(edit.edited_region)
             row = {"clip": f"{seed} {frames // stride}f {size[0]}x{size[1]}", "arm": arm,
                    "recon_psnr": recon.psnr,
                    "edit_src_psnr": edit_scores(model, clip.to_source(same.frames), source, clip.video.frames)["psnr"],

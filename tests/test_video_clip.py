@@ -1,7 +1,6 @@
 """The whole clip at its own size (issue 19 item 3): every frame, the source's width x height and fps,
 letterbox instead of a silent crop, windows that share frame 0, one-frame clips, the source's audio."""
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -12,8 +11,7 @@ from ctxdiff.data.video import FrameFit, read_video, sidecar_path, write_video
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.inversion import InversionParams
 from ctxdiff.pipelines.video_edit import EditParams, edit_video, invert_video, read_clip, reconstruct
-from ctxdiff.shapes.world import moving_shape_video
-from tiny_video import tiny_video_model
+from tiny_video import shapes_frames, tiny_video_model, write_mp4_with_sound
 
 SRC, TGT = "a red circle moving to the right", "a blue circle moving to the right"
 
@@ -21,38 +19,6 @@ SRC, TGT = "a red circle moving to the right", "a blue circle moving to the righ
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_video_model(tmp_path_factory.mktemp("tiny"))
-
-
-def shapes_frames(frames: int, height: int, width: int, seed: int = 9200) -> np.ndarray:
-    side = max(height, width)
-    clip = moving_shape_video(SRC, frames=frames, size=side, seed=seed).frames
-    top, left = (side - height) // 2, (side - width) // 2
-    return np.ascontiguousarray(clip[:, top:top + height, left:left + width])
-
-
-def write_mp4_with_sound(path: Path, frames: np.ndarray, fps: int, seconds_of_sound: float | None = None) -> Path:
-    """An H.264 mp4 with a 440 Hz AAC track as long as the video (or `seconds_of_sound`)."""
-    rate = 22050
-    seconds = seconds_of_sound if seconds_of_sound is not None else len(frames) / fps
-    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)[None]
-    with av.open(str(path), "w") as container:
-        video = None
-        if len(frames):
-            video = container.add_stream("libx264", rate=Fraction(fps))
-            video.height, video.width, video.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-        sound = container.add_stream("aac", rate=rate)
-        sound.layout = "mono"
-        for pts in range(0, tone.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, pts:pts + 1024]), format="fltp",
-                                               layout="mono")
-            frame.sample_rate, frame.pts = rate, pts
-            container.mux(sound.encode(frame))
-        container.mux(sound.encode())
-        for f in frames:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        if video is not None:
-            container.mux(video.encode())
-    return path
 
 
 def stream_seconds(path: Path, kind: str) -> float | None:

@@ -117,10 +117,11 @@ def one_line_error(capsys) -> str:
 # -- the shapes world: tune, invert, edit ---------------------------------------------------------
 
 def test_tuned_edit_of_a_red_circle_turns_it_blue_along_the_same_path(shapes_model, tmp_path, capsys):
-    """tune-video, then edit with the CLI defaults (T = 20, guidance 7.5, fusion, adapter): blue in
-    >= 80% of frames and x-path correlation >= 0.9. With this 1000-step model 8 of 8 source clips
-    pass (`benchmarks/video_edit.py shapes`: mean correlation 0.984, min 0.973); a 300-step model
-    turned all 8 blue but only 5 followed the path to >= 0.9."""
+    """tune-video, then edit with the CLI defaults (T = 20 DDIM steps to t = T, guidance 7.5 away from
+    the source prompt, fusion, adapter): blue in >= 80% of frames and x-path correlation >= 0.9 (0.956
+    here; 0.993 guiding away from ""). The path is kept by this model, not by the method: the same
+    recipe trained on 2 threads ran the mirrored path (-0.69) with these settings, and DDIM stopped at
+    t = 95 kept one model's path (0.98) and mirrored the other's (-0.96) (issue 19)."""
     video, centres = source_clip(tmp_path)
     assert main(["tune-video", str(video), "--model", str(shapes_model), "--steps", "20", "--lr", "1e-4",
                  "--stride", "1", "--out", str(tmp_path / "tune")]) == 0
@@ -224,7 +225,7 @@ def test_edit_reuses_an_inversion_file_from_invert(tiny, tmp_path, capsys):
     video = source_clip(tmp_path)[0]
     inv = tmp_path / "red.inversion.safetensors"
     assert main(["--json", "invert", str(video), "--model", str(tiny["a"]), "--steps", "4", "--frames", "4",
-                 "--attention", "--out", str(inv)]) == 0
+                 "--stride", "2", "--attention", "--out", str(inv)]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["prompt"] == SRC and record["attention_maps"] > 0
     assert {"latent_error", "reconstruction_error", "psnr_db"} <= set(record)
@@ -246,22 +247,25 @@ def test_an_image_inverts_and_edits_as_a_one_frame_video(tiny, tmp_path, capsys)
                  "--out", str(tmp_path / "blue")]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["frames"] == 1 and "text_alignment" in record and "temporal_consistency_all_pairs" not in record
-    assert read_video(tmp_path / "blue").frames.shape == (1, 16, 16, 3)
+    assert read_video(tmp_path / "blue").frames.shape == (1, 48, 48, 3)   # at the image's own size
 
 
 # -- real videos ----------------------------------------------------------------------------------
 
 @needs_data
-@pytest.mark.parametrize("source, stride, name, fps", [(CAR_TURN, 2, "car.mp4", 5.0), (JEEP, 1, "jeep", 8.0)])
-def test_real_videos_go_through_invert_edit_and_write(tiny, tmp_path, capsys, source, stride, name, fps):
+@pytest.mark.parametrize("source, stride, name, fps, side", [(CAR_TURN, 2, "car.mp4", 5.0, 480),
+                                                            (JEEP, 1, "jeep", 8.0, 512)])
+def test_real_videos_go_through_invert_edit_and_write(tiny, tmp_path, capsys, source, stride, name, fps, side):
+    """Written at the source's size and rate (the 16 px model's frames sized back); 8 frames of each."""
     out = tmp_path / name
     assert main(["--json", "edit", str(source), "--model", str(tiny["a"]), "--src", JEEP_PROMPT,
-                 "--tgt", JEEP_PROMPT.replace("silver", "red"), "--steps", "3", "--stride", str(stride),
-                 "--out", str(out)]) == 0
+                 "--tgt", JEEP_PROMPT.replace("silver", "red"), "--steps", "3", "--frames", "8",
+                 "--stride", str(stride), "--out", str(out)]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     back = read_video(out)
-    assert back.frames.shape == (8, 16, 16, 3) and back.fps == pytest.approx(fps)
+    assert back.frames.shape == (8, side, side, 3) and back.fps == pytest.approx(fps)
     assert record["frames"] == 8 and 0 < record["temporal_consistency_all_pairs"] <= 1
+    assert {"psnr", "ssim", "warp_error"} <= set(record)
     assert json.loads(sidecar_path(out).read_text())["prompt"] == JEEP_PROMPT.replace("silver", "red")
 
 

@@ -1,8 +1,11 @@
 """A tiny pixel video model for tests: any weights will do where a property holds for every model."""
 
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
 
 from ctxdiff.formats.t2i import save_t2i_bundle
@@ -12,6 +15,9 @@ from ctxdiff.models.stage import Stage
 from ctxdiff.models.unet import UNET_PRESETS, UNet
 from ctxdiff.pipelines.video_model import VideoModel
 from ctxdiff.recipes import DiffusionConfig
+from ctxdiff.shapes.world import moving_shape_video
+
+SRC = "a red circle moving to the right"
 
 
 def tiny_video_bundle(folder: Path, seed: int = 0) -> Path:
@@ -29,3 +35,35 @@ def tiny_video_bundle(folder: Path, seed: int = 0) -> Path:
 
 def tiny_video_model(folder: Path, seed: int = 0) -> VideoModel:
     return VideoModel.load(tiny_video_bundle(folder, seed))
+
+
+def shapes_frames(frames: int, height: int, width: int, seed: int = 9200) -> np.ndarray:
+    side = max(height, width)
+    clip = moving_shape_video(SRC, frames=frames, size=side, seed=seed).frames
+    top, left = (side - height) // 2, (side - width) // 2
+    return np.ascontiguousarray(clip[:, top:top + height, left:left + width])
+
+
+def write_mp4_with_sound(path: Path, frames: np.ndarray, fps: int, seconds_of_sound: float | None = None) -> Path:
+    """An H.264 mp4 with a 440 Hz AAC track as long as the video (or `seconds_of_sound`)."""
+    rate = 22050
+    seconds = seconds_of_sound if seconds_of_sound is not None else len(frames) / fps
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)[None]
+    with av.open(str(path), "w") as container:
+        video = None
+        if len(frames):
+            video = container.add_stream("libx264", rate=Fraction(fps))
+            video.height, video.width, video.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        sound = container.add_stream("aac", rate=rate)
+        sound.layout = "mono"
+        for pts in range(0, tone.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, pts:pts + 1024]), format="fltp",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = rate, pts
+            container.mux(sound.encode(frame))
+        container.mux(sound.encode())
+        for f in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        if video is not None:
+            container.mux(video.encode())
+    return path

@@ -10,7 +10,7 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import (check_finite, check_output, check_run_start, check_seed, graceful_interrupt,
                                 model_files, pick_device)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import ADAPTER, check_adapter_flag, source_prompt
+from ctxdiff.cli.video_common import ADAPTER, CROP, check_adapter_flag, source_prompt
 
 
 @app.command("tune-video")
@@ -27,6 +27,7 @@ def tune_video(
     frames: int = typer.Option(None, "--frames", min=1, help="Frames to tune on (Tab. 8: 8..24; default 8)."),
     stride: int = typer.Option(None, "--stride", min=1, help="Take every n-th frame (Tab. 8 sampling rate: 2)."),
     start: int = typer.Option(None, "--start", min=0, help="First frame to take."),
+    crop: bool = CROP,
     lr: float = typer.Option(None, "--lr", min=0.0, callback=check_finite, help="AdamW learning rate (Tab. 8: 1e-5)."),
     seed: int = typer.Option(None, "--seed", callback=check_seed,
                              help="Seed of the diffusion steps and noise, 0 .. 2**64-1 (default 0; recorded)."),
@@ -36,7 +37,10 @@ def tune_video(
     force: bool = typer.Option(False, "--force", help="Start the run in --out over: remove the files a run writes "
                                                       "there first (never the folder's other files)."),
 ) -> None:
-    """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8)."""
+    """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8).
+
+    Tuning holds its frames at once, so it takes Tab. 8's 8 frames every 2nd by default (`edit` and
+    `invert` take the whole clip); frames are letterboxed onto the model's square unless --crop."""
     from ctxdiff.pipelines.video_edit import read_source
     from ctxdiff.pipelines.video import load_video_model
     from ctxdiff.training.tune_video import VideoTuner, load_tune_config
@@ -52,7 +56,7 @@ def tune_video(
     device = pick_device()
     with model_files(model, adapter):
         vmodel = load_video_model(model, None, device, adapter, window=config.window)
-    clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size)
+    clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size, crop=crop)
     if force:
         check_run_start(run, resume, force)          # replaces a run's files only once all else is known good
     tuner = VideoTuner(vmodel, clip, text, config, run, resume=resume, log=info)

@@ -17,29 +17,70 @@ class Spacing(str, Enum):
     linspace = "linspace"
 
 
+class Method(str, Enum):
+    edict = "edict"
+    ddim = "ddim"
+
+
 # Options `invert` and `edit` share.
 MODEL = typer.Option(None, "--model", "-m",
                      help="Base model: a t2i bundle or a Stable Diffusion checkpoint (default: the tuned file's "
                           "base, else the bundled model).")
 ADAPTER = typer.Option(None, "--adapter", help="A latent adapter file for a Stable Diffusion --model.")
 TUNED = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-video`.")
-FRAMES = typer.Option(None, "--frames", min=1, help="Frames to read (default: as tuned, else 8).")
-STRIDE = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default: as tuned, else 2).")
-START = typer.Option(None, "--start", min=0, help="First frame (default: as tuned, else 0).")
+FRAMES = typer.Option(None, "--frames", min=1, help="Frames to read (default: every frame from --start).")
+STRIDE = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default 1).")
+START = typer.Option(None, "--start", min=0, help="First frame (default 0).")
+CROP = typer.Option(False, "--crop", help="Take the centred square of the frames (default: letterbox the whole "
+                                          "frame onto the model's square and size it back).")
+WINDOW = typer.Option(16, "--window", min=0, help="Most frames per denoiser call: longer clips run in overlapping "
+                                                 "windows sharing frame 0, in bounded memory (0: all at once).")
+MAX_T = typer.Option(None, "--max-t", min=1, help="Highest inversion step (default: edict, the last step with "
+                                                  "abar >= 1e-3; ddim, the spacing's own: T for trailing).")
+
+
+def method_option(default: Method, why: str):
+    return typer.Option(default, "--method", help="Inversion: edict (exact: sampling back returns the clip) or ddim "
+                                                  f"(plain DDIM inversion, approximate); {why}.")
 SPACING = typer.Option(Spacing.trailing, "--spacing", help="DDIM timestep spacing (trailing: up to t = T).")
 REFINE = typer.Option(0, "--refine", min=0,
-                      help="Inversion fixed-point iterations per step (better reconstruction; keep 0 to edit).")
+                      help="ddim: fixed-point iterations per inversion step (better reconstruction; keep 0 to edit).")
 ATTENTION_ON_CPU = typer.Option(False, "--attention-on-cpu",
                                 help="Keep stored attention maps in host memory (always, for Stable Diffusion).")
 
-DEFAULT_CLIP = {"frames": 8, "stride": 2, "start": 0}   # Tab. 8: 8 frames, sampling rate 2
+DEFAULT_CLIP = {"frames": None, "stride": 1, "start": 0}   # the whole clip
 
 
-def clip_settings(tuned_on: dict | None, frames: int | None, stride: int | None, start: int | None) -> dict:
-    """frames/stride/start as given, else those the tuned file was tuned on, else Tab. 8's."""
-    base = {**DEFAULT_CLIP, **{k: v for k, v in (tuned_on or {}).items() if k in DEFAULT_CLIP}}
+def clip_settings(frames: int | None, stride: int | None, start: int | None) -> dict:
+    """frames/stride/start as given, else the whole clip (every frame from frame 0)."""
     given = {"frames": frames, "stride": stride, "start": start}
-    return {k: given[k] if given[k] is not None else base[k] for k in DEFAULT_CLIP}
+    return {k: given[k] if given[k] is not None else DEFAULT_CLIP[k] for k in DEFAULT_CLIP}
+
+
+def inversion_params(vmodel, steps: int, method: "Method", max_t: int | None, spacing: "Spacing", refine: int,
+                     adapter: bool, attention: bool, attention_on_cpu: bool, window: int):
+    """The `InversionParams` of the shared options (EDICT stops where abar >= 1e-3 unless --max-t says)."""
+    from ctxdiff.diffusion.samplers import highest_invertible_step
+    from ctxdiff.formats.inversion import InversionParams
+
+    if method is Method.edict and refine:
+        raise UsageError("--refine is for --method ddim; EDICT is exact without it")
+    if max_t is not None and max_t > vmodel.sched.T:
+        raise UsageError(f"--max-t {max_t}: this model has {vmodel.sched.T} steps; pass at most {vmodel.sched.T}")
+    if method is Method.edict and max_t is None:
+        max_t = highest_invertible_step(vmodel.sched)
+    if window and window < 4:
+        raise UsageError(f"--window {window}: a window holds frame 0, 2 overlap frames and one of its own; pass "
+                         ">= 4, or 0 for none")
+    return InversionParams(steps=steps, spacing=spacing.value, refine=refine, adapter=adapter, attention=attention,
+                           attention_on_cpu=attention_on_cpu or vmodel.backbone == "sd", method=method.value,
+                           max_t=max_t, window=window or None)
+
+
+def refuse_source_as_output(source: Path, out: Path) -> None:
+    """The source clip is never overwritten."""
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise UsageError(f"--out {out} is the source clip; write the edit elsewhere")
 
 
 def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag: str = "--prompt") -> str:

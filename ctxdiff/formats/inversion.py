@@ -76,6 +76,7 @@ class Inversion:
     source: str
     attention: dict[str, torch.Tensor] | None = None
     partner: torch.Tensor | None = None    # edict: the chain y at t_N, [F, C, H, W]
+    clip: dict | None = None    # how the frames were taken from `source`: frames, stride, start, crop (the CLI's)
 
     @property
     def sampling_steps(self) -> list[int]:
@@ -99,7 +100,8 @@ def save_inversion(path: str | Path, inversion: Inversion) -> Path:
         modules["partner"] = {"y": inversion.partner}
     extra = {"timesteps": inversion.timesteps, "fps": inversion.fps, "prompt": inversion.prompt,
              "params": asdict(inversion.params), "model": asdict(inversion.model),
-             "tuned": asdict(inversion.tuned) if inversion.tuned else None, "source": inversion.source}
+             "tuned": asdict(inversion.tuned) if inversion.tuned else None, "source": inversion.source,
+             "clip": inversion.clip}
     return save_bundle(path, modules, {}, kind=INVERSION_KIND, extra=extra)
 
 
@@ -109,4 +111,4 @@ def load_inversion(path: str | Path) -> Inversion:
     return Inversion(bundle.tensors["trajectory"]["x"], list(e["timesteps"]), bundle.tensors["frames"]["rgb"].numpy(),
                      float(e["fps"]), e["prompt"], from_dict(InversionParams, e["params"], "params"),
                      ModelRef(**e["model"]), ModelRef(**e["tuned"]) if e["tuned"] else None, e["source"],
-                     bundle.tensors.get("attention"), bundle.tensors.get("partner", {}).get("y"))
+                     bundle.tensors.get("attention"), bundle.tensors.get("partner", {}).get("y"), e.get("clip"))

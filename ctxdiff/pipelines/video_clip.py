@@ -43,6 +43,13 @@ class SourceClip:
         `detail`: the model's change added to the source frames, so unchanged pixels keep their resolution."""
         return self.fit.to_source(frames, self.video.frames if detail else None)
 
+    def region_to_source(self, region: np.ndarray | None) -> np.ndarray | None:
+        """A bool mask [F, side, side] at the model's size (the blend mask) at the output size."""
+        if region is None:
+            return None
+        grey = np.repeat(np.asarray(region, dtype=np.uint8)[..., None] * np.uint8(255), 3, axis=-1)
+        return self.fit.to_source(grey)[..., 0] > 127
+
     def source_frames(self) -> np.ndarray:
         """The source frames the output is compared with (the crop's square with `crop`)."""
         return self.fit.to_source(self.model_video.frames, self.video.frames) if self.fit.crop else self.video.frames

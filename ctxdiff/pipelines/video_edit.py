@@ -82,9 +82,14 @@ def invert_video(model: VideoDenoiser, video: Video, prompt: str, params: Invers
 
 
 def inversion_calls(params: InversionParams) -> int:
-    """Denoiser calls (progress-bar steps) of an inversion with `params`, and of each sampling pass back."""
+    """Progress-bar steps of an inversion with `params` (one per sampler step)."""
     steps = params.steps if params.max_t is None else min(params.steps, params.max_t)
-    return 2 * steps if params.method == "edict" else (steps - 1) * (1 + params.refine)
+    return steps if params.method == "edict" else steps - 1
+
+
+def sampling_calls(params: InversionParams) -> int:
+    """Progress-bar steps of one sampling pass back from an inversion with `params`."""
+    return params.steps if params.max_t is None else min(params.steps, params.max_t)
 
 
 def sample_back(model: VideoDenoiser, inversion: Inversion, x0_fn, cond, adapter, progress=None,
