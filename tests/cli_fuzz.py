@@ -36,8 +36,6 @@ from hypothesis import strategies as st
 SUBCOMMANDS = ("generate", "shapes", "train", "tune-video", "invert", "edit", "evaluate")
 EXIT_CODES = {0, 1, 2}
 SRC = "a red circle moving to the right"
-RUN_FILES = ("checkpoints", "samples", "metrics.jsonl", "recipe.yaml", "model.safetensors", "clip.safetensors",
-             "adapter.safetensors", "clip-eval.json", "tuned.safetensors")
 
 TINY_RECIPE = """\
 output: {output}
@@ -59,27 +57,11 @@ preview_prompts: ["a red circle"]
 
 def tiny_bundle(path: Path, seed: int, extra: dict | None = None) -> Path:
     """An untrained 16x16 t2i bundle (tiny CLIP, U-Net and adapter; T = 100), weights perturbed."""
-    from dataclasses import replace as dc_replace
+    from tiny_video import tiny_bundle as bundle
 
-    import torch
+    from ctxdiff.recipes import SampleConfig
 
-    from ctxdiff.formats.t2i import save_t2i_bundle
-    from ctxdiff.models.adapter import ADAPTER_PRESETS, build_adapter
-    from ctxdiff.models.encoders import ClipConfig, load_clip
-    from ctxdiff.models.stage import Stage
-    from ctxdiff.models.unet import UNET_PRESETS, UNet
-    from ctxdiff.recipes import DiffusionConfig, SampleConfig
-
-    torch.manual_seed(seed)
-    clip = load_clip(ClipConfig(arch="tiny-clip"))
-    unet = UNet(dc_replace(UNET_PRESETS["tiny"], image_size=16, timesteps=100))
-    adapter = build_adapter(dc_replace(ADAPTER_PRESETS["tiny"], x_shape=(3, 16, 16), patch_size=4, timesteps=100), clip)
-    with torch.no_grad():
-        for p in [*unet.parameters(), *adapter.parameters()]:
-            p.add_(0.02 * torch.randn_like(p))
-    return save_t2i_bundle(path, clip, {"": Stage(unet, adapter)},
-                           {"diffusion": DiffusionConfig(timesteps=100), "sample": SampleConfig(steps=2, sr_steps=2)},
-                           extra=extra)
+    return bundle(path, seed, noise=0.02, extra=extra, sample=SampleConfig(steps=2, sr_steps=2))
 
 
 @dataclass
@@ -295,9 +277,11 @@ def _chmod_tree(root: Path) -> None:
 
 
 def _may_change(rel: str, argv: list[str]) -> bool:
+    from ctxdiff.training.trainer import RUN_OUTPUTS
+
     if "--force" in argv:
         return True
-    return "--resume" in argv and any(part in RUN_FILES for part in Path(rel).parts)
+    return "--resume" in argv and any(part in RUN_OUTPUTS for part in Path(rel).parts)
 
 
 # --------------------------------------------------------------------------- strategies

@@ -1,13 +1,14 @@
 """Text-to-video editing end to end on tiny models: tune-video, invert, edit (library and CLI)."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import tiny_video
 
 from ctxdiff.checkpoints import load_bundle
 from ctxdiff.cli import main
@@ -16,16 +17,10 @@ from ctxdiff.formats import tuned
 from ctxdiff.formats.inversion import InversionParams
 from ctxdiff.formats.inversion import load_inversion, save_inversion
 from ctxdiff.formats.model_ref import ModelRef
-from ctxdiff.formats.t2i import save_t2i_bundle
 from ctxdiff.formats.tuned import TUNED_KIND
-from ctxdiff.models.adapter import ADAPTER_PRESETS
-from ctxdiff.models.adapter import build_adapter
-from ctxdiff.models.encoders import ClipConfig, load_clip
-from ctxdiff.models.stage import Stage
-from ctxdiff.models.unet import UNET_PRESETS, UNet
 from ctxdiff.pipelines.video_edit import invert_video, read_source, reconstruct
 from ctxdiff.pipelines.video_model import VideoModel
-from ctxdiff.recipes import DiffusionConfig, SampleConfig
+from ctxdiff.recipes import SampleConfig
 from ctxdiff.shapes.judge import judge
 from ctxdiff.shapes.world import moving_shape_video
 from ctxdiff.training.recipe import read_recipe
@@ -44,16 +39,7 @@ SCENE = "a large {colour} circle moving to the {direction} on a gray background"
 
 
 def tiny_bundle(path: Path, seed: int) -> Path:
-    """An untrained 16x16 t2i bundle (tiny CLIP, U-Net and adapter) with all weights perturbed."""
-    torch.manual_seed(seed)
-    clip = load_clip(ClipConfig(arch="tiny-clip"))
-    unet = UNet(replace(UNET_PRESETS["tiny"], image_size=16, timesteps=100))
-    adapter = build_adapter(replace(ADAPTER_PRESETS["tiny"], x_shape=(3, 16, 16), patch_size=4, timesteps=100), clip)
-    with torch.no_grad():
-        for p in [*unet.parameters(), *adapter.parameters()]:
-            p.add_(0.02 * torch.randn_like(p))
-    return save_t2i_bundle(path, clip, {"": Stage(unet, adapter)},
-                           {"diffusion": DiffusionConfig(timesteps=100), "sample": SampleConfig(steps=4)})
+    return tiny_video.tiny_bundle(path, seed, noise=0.02, sample=SampleConfig(steps=4))
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,21 @@ SRC = "a red circle moving to the right"
 
 def tiny_video_bundle(folder: Path, seed: int = 0) -> Path:
     """An untrained 16x16 t2i bundle (tiny CLIP, U-Net, CLIP-branch adapter), weights perturbed."""
+    return tiny_bundle(folder / f"tiny-{seed}.safetensors", seed)
+
+
+def tiny_bundle(path: Path, seed: int, noise: float = 0.05, extra: dict | None = None, **configs) -> Path:
+    """An untrained 16x16 t2i bundle (tiny CLIP, U-Net and CLIP-branch adapter; T = 100) with every
+    weight perturbed by `noise`; `configs` (e.g. sample=SampleConfig(...)) join its diffusion config."""
     torch.manual_seed(seed)
     clip = load_clip(ClipConfig(arch="tiny-clip"))
     unet = UNet(replace(UNET_PRESETS["tiny"], image_size=16, timesteps=100))
     adapter = build_adapter(replace(ADAPTER_PRESETS["tiny"], x_shape=(3, 16, 16), patch_size=4, timesteps=100), clip)
     with torch.no_grad():
         for p in [*unet.parameters(), *adapter.parameters()]:
-            p.add_(0.05 * torch.randn_like(p))
-    return save_t2i_bundle(folder / f"tiny-{seed}.safetensors", clip, {"": Stage(unet, adapter)},
-                           {"diffusion": DiffusionConfig(schedule="cosine", timesteps=100)})
+            p.add_(noise * torch.randn_like(p))
+    return save_t2i_bundle(path, clip, {"": Stage(unet, adapter)},
+                           {"diffusion": DiffusionConfig(schedule="cosine", timesteps=100), **configs}, extra=extra)
 
 
 def tiny_video_model(folder: Path, seed: int = 0) -> VideoModel:
