@@ -49,6 +49,7 @@ class EvalRequest:
     adapter: bool = True
     data: str | None = None
     bpd_timesteps: int | None = None
+    layouts: Path | None = None
 
     def need(self, name: str, flag: str) -> Any:
         value = getattr(self, name)
@@ -283,8 +284,22 @@ def temporal_consistency_metric(req: EvalRequest) -> MetricResult:
 
 
 def shapes_metric(req: EvalRequest) -> MetricResult:
-    from ctxdiff.shapes.judge import REPORT_COLUMNS, judge_many
+    """The shapes judge: of prompts (per attribute, single and two objects), or of the class labels
+    and layouts the images were made for (--layouts, or the images' metadata)."""
+    from ctxdiff.data.images import ImageFiles, list_images
+    from ctxdiff.data.layouts import conditions_for_images
+    from ctxdiff.shapes.judge import REPORT_COLUMNS, condition_accuracy, judge_many
 
+    paths = list_images(req.need("images", "--images DIR"))
+    conditions = conditions_for_images(paths, req.layouts)
+    if conditions is not None:
+        kind = "class" if isinstance(conditions[0], str) else "layout"
+        info(f"shapes: judging {len(paths)} images of {req.images} against their {kind} conditions")
+        try:
+            accuracy = condition_accuracy(ImageFiles(paths), conditions)
+        except ValueError as e:      # a label outside the shapes world
+            raise UsageError(f"--metric shapes: {e}") from None
+        return summary({"metric": req.metric, "images": str(req.images), "condition": kind, **accuracy})
     images, prompts = _images_and_prompts(req)
     info(f"shapes: judging {len(images)} images of {req.images}")
     report = judge_many(images, prompts)
@@ -329,6 +344,7 @@ def evaluate(
     data: str | None = typer.Option(None, "--data", help="bpd: held-out images (a folder with .txt captions, or 'shapes')."),
     bpd_timesteps: int | None = typer.Option(None, "--bpd-timesteps", min=1, help="bpd: estimate the sum over t from this many random steps (default: all T)."),
     sweep: str | None = typer.Option(None, "--sweep", help="guidance=1.5,3,4.5,...: generate and score per value (with --model), plus a plot."),
+    layouts: Path | None = typer.Option(None, "--layouts", help="shapes: a JSON list of layouts, one per image (sorted file names), to judge against (default: the class or layout in each PNG's metadata)."),
 ) -> None:
     """Score images or videos: FID/KID against reference images, CLIP score, video text alignment
     and temporal consistency, or the shapes judge."""
@@ -346,7 +362,7 @@ def evaluate(
         device = distributed.join(device)
     request = EvalRequest(metric, real, fake, save_stats, features, images, list(videos or []), prompts,
                           prompt, clip_arch, clip_weights, batch_size, str(device),
-                          model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps)
+                          model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps, layouts)
     try:
         if zero_shot and not distributed.is_main():
             request.need("real", "--real DIR|STATS.npz")

@@ -80,6 +80,8 @@ def default_model() -> Path:
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts; '-' reads one prompt per line from stdin."),
     from_file: Path = typer.Option(None, "--from-file", help="Read prompts from a file, one per line."),
+    class_: list[str] = typer.Option(None, "--class", metavar="LABEL", help="Class-conditional models: the label to draw instead of a prompt, e.g. 'red triangle'; repeat for more."),
+    layout: list[str] = typer.Option(None, "--layout", metavar="LAYOUT", help="Layout-conditional models: a JSON file of {\"label\": ..., \"box\": [x0, y0, x1, y1]} objects or inline 'red circle@0.1,0.1,0.4,0.4;blue square@...' (boxes in [0, 1]); repeat for more."),
     model: Path = typer.Option(None, "--model", "-m", help="A t2i bundle from `ctxdiff train`, or an SD 1.x/2.x checkpoint or diffusers folder (default: the bundled model)."),
     adapter: Path = typer.Option(None, "--adapter", help="A latent adapter (`ctxdiff train`, `latent:` recipe) for the SD checkpoint of --model."),
     height: int = typer.Option(None, "--height", min=8, max=8192, callback=_multiple_of_8, help="SD checkpoints: image height in pixels (default: 512 for SD 1.x)."),
@@ -104,13 +106,16 @@ def generate(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images sampled at once."),
     force: bool = typer.Option(False, "--force", help="Write into a folder that already holds files."),
 ) -> None:
-    """Generate images from text prompts (PNG text chunks carry prompt, seed and parameters)."""
+    """Generate images from text prompts, or from class labels or layouts (PNG text chunks carry prompt
+    or condition, seed and parameters)."""
     from ctxdiff import distributed
+    from ctxdiff.data.layouts import describe
     from ctxdiff.data.png import grid, save_png, to_uint8
     from ctxdiff.pipelines.batch_generate import progress_steps
 
-    pairs = read_prompts(prompts or [], from_file, negative or "")
-    texts = [p for p, _ in pairs]
+    conditions = read_conditions(class_ or [], layout or [], prompts or [], from_file, negative)
+    pairs = [(c, "") for c in conditions] if conditions else read_prompts(prompts or [], from_file, negative or "")
+    texts = [condition_text(p) for p, _ in pairs]
     _check_init_flags(init_image, strength, mask)
     if sampler is not None:
         _sampler_name(sampler, karras, given=True)          # --karras with ddim/ddpm: before any work
@@ -121,6 +126,7 @@ def generate(
     main_rank = distributed.is_main()
     try:
         pipe = _pipeline(model_path, adapter, height, width, vae_tiling, loras, device)
+        kind = check_condition_kind(pipe, model_path, conditions)
         d = pipe.defaults
         has_adapter = _has_adapter(pipe)
         # params.adapter records what runs (and is written to the JSON line and PNG): an adapter is used
@@ -134,7 +140,7 @@ def generate(
         lora_meta = [{"file": str(path), "weight": weight} for path, weight in loras]
         if lora_meta:
             extra["loras"] = lora_meta
-        notes = vocabulary_warnings(model_path, texts) if not _is_sd(pipe) else {}
+        notes = vocabulary_warnings(model_path, texts) if kind == "text" and not _is_sd(pipe) else {}
         if main_rank:
             if no_adapter and not has_adapter:
                 warn("this model has no adapter; --no-adapter changes nothing")
@@ -159,12 +165,15 @@ def generate(
                 images = to_uint8(pipe.sample([p for _, p, _, _ in batch], [s for *_, s in batch], params, progress=bar,
                                               negative=negatives if any(negatives) else None, init=init))
                 made = []
-                for (index, prompt, negative_prompt, image_seed_), image in zip(batch, images):
+                for (index, condition, negative_prompt, image_seed_), image in zip(batch, images):
+                    prompt = condition_text(condition)
                     meta = {"prompt": prompt, **({"negative": negative_prompt} if negative_prompt else {}),
+                            **({} if kind == "text" else {"condition": {"kind": kind, "value": describe(condition)}}),
                             "seed": image_seed_, **asdict(params), "model": str(model_path),
                             **({"adapter_file": str(adapter)} if adapter else {}), **extra,
                             "size": f"{image.shape[1]}x{image.shape[0]}"}
-                    path = save_png(out / f"{index:05d}-{safe_stem(prompt)}-{image_seed_}.png", image, meta)
+                    stem = safe_stem(prompt if isinstance(condition, str) else " ".join(o.label for o in condition))
+                    path = save_png(out / f"{index:05d}-{stem}-{image_seed_}.png", image, meta)
                     record = {"path": str(path), **meta, "warnings": [notes[prompt]] if prompt in notes else []}
                     emit_json(record)
                     made.append(record)
@@ -186,6 +195,53 @@ def generate(
         info(f"seed {first_seed}" + (" (random)" if seed is None else ""))
     finally:
         distributed.leave()
+
+
+def read_conditions(labels: list[str], layouts: list[str], prompts: list[str], from_file: Path | None,
+                    negative: str | None) -> list:
+    """The labels of --class or the layouts of --layout (files or inline), in order; [] when neither
+    is given (the prompts are text). Either replaces the prompts, and neither takes --negative:
+    guidance is against the dropped condition."""
+    if not labels and not layouts:
+        return []
+    from ctxdiff.data.layouts import layout_argument
+
+    given = [flag for flag, value in (("--class", labels), ("--layout", layouts), ("prompts", prompts),
+                                      ("--from-file", from_file)) if value]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)}: a model takes one kind of condition; pass only one of them")
+    if negative:
+        raise UsageError(f"--negative: negative prompts are for text models; {given[0]} models guide against "
+                         "the dropped condition")
+    if labels:
+        empty = [label for label in labels if not label.strip()]
+        if empty:
+            raise UsageError("--class: a label is a non-empty text such as 'red triangle'")
+        return [" ".join(label.split()) for label in labels]
+    return [layout_argument(value) for value in layouts]
+
+
+def condition_text(condition) -> str:
+    """A prompt, a class label, or a layout's inline form: what the table, file name and PNG 'prompt' show."""
+    from ctxdiff.data.layouts import format_layout
+
+    return condition if isinstance(condition, str) else format_layout(condition)
+
+
+def check_condition_kind(pipe, model: Path, conditions: list) -> str:
+    """The model's condition kind ("text", "class" or "layout"), checked against what was given;
+    every label is checked against the model's (a close match named) before any work."""
+    kind = getattr(pipe, "condition_kind", "text")
+    given = "" if not conditions else "class" if isinstance(conditions[0], str) else "layout"
+    flags = {"class": "--class LABEL", "layout": "--layout FILE|INLINE", "text": "prompts"}
+    if kind != (given or "text"):
+        known = f" (labels: {', '.join(map(repr, pipe.labels[:8]))}{', ...' if len(pipe.labels) > 8 else ''})" \
+            if kind != "text" else ""
+        raise UsageError(f"{model} is a {kind}-conditional model: pass {flags[kind]}{known}, "
+                         f"not {flags[given or 'text']}")
+    if conditions:
+        pipe.encode(list({condition_text(c): c for c in conditions}.values()))
+    return kind
 
 
 def _check_init_flags(init_image: Path | None, strength: float | None, mask: Path | None) -> None:

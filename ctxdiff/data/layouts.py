@@ -87,6 +87,15 @@ def parse_layout(text: str) -> Layout:
 
 def read_layout(path: str | Path) -> Layout:
     """A layout file: a JSON list of {"label": ..., "box": [x0, y0, x1, y1]}."""
+    layouts = read_layouts(path)
+    if len(layouts) != 1:
+        raise UsageError(f"{path}: holds {len(layouts)} layouts; one is wanted here")
+    return layouts[0]
+
+
+def read_layouts(path: str | Path) -> list[Layout]:
+    """A file of one layout (a JSON list of {"label": ..., "box": [...]}) or of many (a JSON list
+    of such lists, one per image)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -96,11 +105,25 @@ def read_layout(path: str | Path) -> Layout:
         raise UsageError(f"{path}: not a JSON layout ({e}); write a list of "
                          '{"label": "red circle", "box": [0.1, 0.1, 0.4, 0.4]}') from None
     if not isinstance(data, list) or not data:
-        raise UsageError(f"{path}: a layout file is a non-empty JSON list of {{\"label\": ..., \"box\": [...]}}")
+        raise UsageError(f"{path}: a layout file is a non-empty JSON list of {{\"label\": ..., \"box\": [...]}} "
+                         "(or a list of such lists)")
+    many = all(isinstance(item, list) for item in data)
     try:
-        return make_layout(data)
+        return [make_layout(item) for item in data] if many else [make_layout(data)]
     except UsageError as e:
         raise UsageError(f"{path}: {e}") from None
+
+
+def layout_argument(value: str) -> Layout:
+    """--layout's value: a layout file (it exists, or ends in .json) or the inline form."""
+    if value.strip().lower().endswith(".json") or Path(value).is_file():
+        return read_layout(value)
+    return parse_layout(value)
+
+
+def format_layout(layout: Layout) -> str:
+    """The inline form of a layout ('red circle@0.1,0.1,0.4,0.4;...'), which `parse_layout` reads back."""
+    return ";".join(f"{o.label}@{','.join(f'{v:g}' for v in o.box)}" for o in layout)
 
 
 def describe(condition: Condition) -> str | list | None:
@@ -109,3 +132,31 @@ def describe(condition: Condition) -> str | list | None:
     if condition is None or isinstance(condition, str):
         return condition
     return [{"label": o.label, "box": [round(v, 4) for v in o.box]} for o in condition]
+
+
+def from_description(value) -> Condition:
+    """The condition `describe` wrote (a PNG's metadata): a label string or a layout."""
+    return value if value is None or isinstance(value, str) else make_layout(value)
+
+
+def conditions_for_images(paths: Sequence[Path], layouts_file: str | Path | None = None) -> list[Condition] | None:
+    """One class label or layout per image: entry i of `layouts_file` (`read_layouts`) for image i
+    (sorted order), else the condition each PNG's metadata records (`ctxdiff generate --class/--layout`);
+    None when the images carry prompts instead."""
+    from ctxdiff.data.png import read_png_metadata
+    from ctxdiff.errors import CtxdiffError
+
+    if layouts_file is not None:
+        layouts = read_layouts(layouts_file)
+        if len(layouts) != len(paths):
+            raise CtxdiffError(f"{layouts_file}: {len(layouts)} layouts for {len(paths)} images; give one layout "
+                               "per image, in sorted file-name order (a JSON list of layouts)")
+        return list(layouts)
+    recorded = [(read_png_metadata(p) if Path(p).suffix.lower() == ".png" else {}).get("condition") for p in paths]
+    if all(r is None for r in recorded):
+        return None
+    missing = [p for p, r in zip(paths, recorded) if r is None]
+    if missing:
+        raise CtxdiffError(f"{missing[0]}: no class or layout in its metadata, unlike the other images; "
+                           "pass --layouts FILE (one layout per image) or judge the folders apart")
+    return [from_description(r["value"]) for r in recorded]
