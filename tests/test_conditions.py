@@ -174,6 +174,11 @@ def test_class_and_layout_models_train_save_and_sample_from_the_file_alone(tiny_
     images = pipe.sample(conditions, [0, 1], params)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     assert torch.allclose(pipe.sample(conditions[:1], [0], params), images[:1], atol=1e-5)   # batch-independent
+    with torch.no_grad():      # a checkpoint restores the condition encoder too (the ablation's curves)
+        for weight in pipe.condition.parameters():
+            weight.add_(1.0)
+    pipe.load_base_checkpoint(result.model_path.parent / "checkpoints" / "step-00000002.pt")
+    assert torch.allclose(pipe.sample(conditions[:1], [0], params), images[:1], atol=1e-5)
     with pytest.raises(UsageError, match="did you mean"):
         pipe.sample(["red circel"] if kind == "class" else [parse_layout("red circel@0,0,1,1")], [0], params)
 

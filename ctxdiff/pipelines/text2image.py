@@ -84,9 +84,11 @@ class Text2Image:
 
     def load_base_checkpoint(self, path: str | Path) -> None:
         """Put the EMA weights of a training checkpoint (`runs/.../checkpoints/step-*.pt`) of this
-        bundle's base stage into its U-Net and adapter: a bundle at any step of its run."""
+        bundle's base stage into its U-Net, adapter and (class or layout model) condition encoder:
+        a bundle at any step of its run."""
         ema = load_training_state(path)["ema"]
-        for prefix, module in (("unet.", self.base.unet), ("adapter.", self.base.adapter)):
+        for prefix, module in (("unet.", self.base.unet), ("adapter.", self.base.adapter),
+                               ("condition.", self.condition)):
             if module is not None:
                 load_module_state(module, {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)},
                                   f"{path} {prefix[:-1]}")
