@@ -14,7 +14,7 @@ _ctxdiff() {
       case "$prev" in --method) choices="edict ddim";; esac
       case "$prev" in --spacing) choices="leading trailing linspace";; esac
       ;;
-    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --force --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --layouts --device --json --quiet -q --debug --help -h"
+    "evaluate") opts="--metric --real --fake --save-stats --features --images --videos --prompts --prompt --clip-arch --clip-weights --batch-size --out --force --model --num -n --seed --guidance --steps --no-adapter --data --bpd-timesteps --sweep --source --flow --layouts --device --json --quiet -q --debug --help -h"
       ;;
     "generate") opts="--from-file --class --layout --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --karras --eta --guidance -g --no-adapter --negative --init-image --strength --mask --lora --out -o --grid --batch-size --force --device --json --quiet -q --debug --help -h"
       ;;

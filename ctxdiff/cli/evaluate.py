@@ -1,5 +1,5 @@
-"""`ctxdiff evaluate`: FID / KID, CLIP score, video text alignment and temporal consistency, the
-shapes judge.
+"""`ctxdiff evaluate`: FID / KID, CLIP score, video text alignment and temporal consistency, an
+edited video's fidelity to its source (PSNR, SSIM, warp error), the shapes judge.
 
 Each metric is one function in METRICS: it takes the EvalRequest (every flag given) and returns
 a MetricResult (the JSON record and the table for people). A new metric is one more entry.
@@ -7,7 +7,9 @@ a MetricResult (the JSON record and the table for people). A new metric is one m
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +22,7 @@ from ctxdiff.cli.output import emit_json, info, print_table, progress_bar
 from ctxdiff.errors import CtxdiffError, UsageError
 
 DEFAULT_CLIP = Path(ctxdiff.__file__).parent / "assets" / "shapes-default.safetensors"  # its CLIP
+FIDELITY_COLUMNS = {"psnr": "PSNR dB vs source", "ssim": "SSIM vs source", "warp_error": "warp error"}
 VIDEO_COLUMNS = {"text_alignment": "text alignment", "temporal_consistency_all_pairs": "consistency (all pairs)",
                  "temporal_consistency_consecutive": "consistency (consecutive)"}
 
@@ -50,6 +53,8 @@ class EvalRequest:
     data: str | None = None
     bpd_timesteps: int | None = None
     layouts: Path | None = None
+    sources: list[Path] = field(default_factory=list)
+    flow: str = "dis"
 
     def need(self, name: str, flag: str) -> Any:
         value = getattr(self, name)
@@ -283,6 +288,61 @@ def temporal_consistency_metric(req: EvalRequest) -> MetricResult:
     return _video_metric(req, prompt_required=False)
 
 
+def _source_of(video: Path, given: Path | None) -> tuple[Path, dict]:
+    """(source video, its frame selection) of an edited video: --source, else what `ctxdiff edit`
+    recorded in the video's sidecar."""
+    from ctxdiff.data.video import sidecar_path
+
+    sidecar = sidecar_path(video)
+    record = {}
+    if sidecar.is_file():
+        try:
+            record = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CtxdiffError(f"{sidecar}: not valid JSON ({e}); fix or remove it, or pass --source") from None
+    selection = record.get("clip") if isinstance(record, dict) and isinstance(record.get("clip"), dict) else {}
+    source = given or (Path(record["source"]) if isinstance(record, dict) and record.get("source") else None)
+    if source is None:
+        raise UsageError(f"--metric fidelity: no source for {video} (its sidecar records none); pass --source PATH")
+    return source, selection if given is None else {}
+
+
+def fidelity_metric(req: EvalRequest, keys: tuple[str, ...] = ("psnr", "ssim", "warp_error")) -> MetricResult:
+    """PSNR and SSIM of each edited video against its source and the warp error by the source's flow
+    (ctxdiff/metrics/fidelity.py), frame for frame at the edited video's size."""
+    import numpy as np
+
+    from ctxdiff.data.video import read_video
+    from ctxdiff.metrics.fidelity import FLOWS, fidelity_scores
+
+    videos = req.need("videos", "--videos PATH (an edited video or folder of frames; repeat the flag)")
+    if req.flow not in FLOWS:
+        raise UsageError(f"--flow {req.flow!r}: use one of {', '.join(FLOWS)}")
+    if len(req.sources) not in (0, 1, len(videos)):
+        raise UsageError(f"{len(req.sources)} --source for {len(videos)} --videos: give one source for all, "
+                         "or one per video in order")
+    sources = req.sources * len(videos) if len(req.sources) == 1 else req.sources or [None] * len(videos)
+    per_video = []
+    for video, given in zip(videos, sources):
+        source, selection = _source_of(video, given)
+        edited = read_video(video).frames
+        original = read_video(source, num_frames=len(edited), start=selection.get("start", 0),
+                              stride=selection.get("stride", 1)).frames
+        if original.shape != edited.shape:
+            raise CtxdiffError(f"{video} ({len(edited)} frames, {edited.shape[2]}x{edited.shape[1]}) and its source "
+                               f"{source} ({len(original)} frames, {original.shape[2]}x{original.shape[1]}) differ; "
+                               "compare an edit written at the source's size (not --side-by-side)")
+        scores = fidelity_scores(edited, original, flow=req.flow)
+        per_video.append({"video": str(video), "source": str(source), "frames": len(edited),
+                          **{k: scores[k] for k in keys if k in scores}})
+    shown = [k for k in keys if any(k in r for r in per_video)]
+    means = {f"mean_{k}": float(np.mean([r[k] for r in per_video if k in r])) for k in shown}
+    record = {"metric": req.metric, "flow": req.flow, "videos": per_video, **means}
+    rows = [(Path(r["video"]).name, r["frames"], *(r.get(k, "") for k in shown)) for r in per_video]
+    rows.append(("mean", sum(r["frames"] for r in per_video), *means.values()))
+    return MetricResult(record, ["video", "frames", *(FIDELITY_COLUMNS[k] for k in shown)], rows)
+
+
 def shapes_metric(req: EvalRequest) -> MetricResult:
     """The shapes judge: of prompts (per attribute, single and two objects), or of the class labels
     and layouts the images were made for (--layouts, or the images' metadata)."""
@@ -313,6 +373,10 @@ METRICS: dict[str, Callable[[EvalRequest], MetricResult]] = {
     "clip-score": clip_score_metric,
     "text-alignment": text_alignment_metric,
     "temporal-consistency": temporal_consistency_metric,
+    "fidelity": fidelity_metric,
+    "psnr": partial(fidelity_metric, keys=("psnr",)),
+    "ssim": partial(fidelity_metric, keys=("ssim",)),
+    "warp-error": partial(fidelity_metric, keys=("warp_error",)),
     "shapes": shapes_metric,
     "bpd": bpd_metric,
 }
@@ -326,7 +390,7 @@ def evaluate(
     save_stats: Path | None = typer.Option(None, "--save-stats", help="FID/KID: save the statistics of --real to this .npz."),
     features: str = typer.Option("inception", "--features", help="FID/KID features: inception | clip:<arch>:<weights file>."),
     images: Path | None = typer.Option(None, "--images", help="clip-score, shapes: the folder of images to score."),
-    videos: list[Path] | None = typer.Option(None, "--videos", metavar="PATH", help="text-alignment, temporal-consistency: a video file or folder of frames; repeat for more."),
+    videos: list[Path] | None = typer.Option(None, "--videos", metavar="PATH", help="text-alignment, temporal-consistency, fidelity: a video file or folder of frames; repeat for more."),
     prompts: Path | None = typer.Option(None, "--prompts", help="One prompt a line, per image (sorted file names) or per --videos; default: PNG 'prompt' chunks or sidecars."),
     prompt: str | None = typer.Option(None, "--prompt", help="The prompt of every --videos."),
     clip_arch: str = typer.Option("ViT-B-32", "--clip-arch", help="open_clip architecture of --clip-weights (a ctxdiff clip bundle names its own)."),
@@ -344,10 +408,12 @@ def evaluate(
     data: str | None = typer.Option(None, "--data", help="bpd: held-out images (a folder with .txt captions, or 'shapes')."),
     bpd_timesteps: int | None = typer.Option(None, "--bpd-timesteps", min=1, help="bpd: estimate the sum over t from this many random steps (default: all T)."),
     sweep: str | None = typer.Option(None, "--sweep", help="guidance=1.5,3,4.5,...: generate and score per value (with --model), plus a plot."),
+    source: list[Path] | None = typer.Option(None, "--source", metavar="PATH", help="fidelity, psnr, ssim, warp-error: the source video of --videos (one for all or one per video; default: what `edit` recorded in each video's sidecar)."),
+    flow: str = typer.Option("dis", "--flow", help="warp error: the source's optical flow, dis or farneback (OpenCV)."),
     layouts: Path | None = typer.Option(None, "--layouts", help="shapes: a JSON list of layouts, one per image (sorted file names), to judge against (default: the class or layout in each PNG's metadata)."),
 ) -> None:
     """Score images or videos: FID/KID against reference images, CLIP score, video text alignment
-    and temporal consistency, or the shapes judge."""
+    and temporal consistency, an edit's fidelity to its source (PSNR, SSIM, warp error), or the shapes judge."""
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}'; use one of: {', '.join(METRICS)}")
     _check_outputs(out, save_stats, fake if (model is not None or sweep) else None, force)
@@ -362,7 +428,8 @@ def evaluate(
         device = distributed.join(device)
     request = EvalRequest(metric, real, fake, save_stats, features, images, list(videos or []), prompts,
                           prompt, clip_arch, clip_weights, batch_size, str(device),
-                          model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps, layouts)
+                          model, num, seed, guidance, steps, not no_adapter, data, bpd_timesteps, layouts,
+                          list(source or []), flow)
     try:
         if zero_shot and not distributed.is_main():
             request.need("real", "--real DIR|STATS.npz")
