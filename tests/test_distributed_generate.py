@@ -123,3 +123,36 @@ def test_torchrun_generate_writes_the_files_of_one_process_and_one_table(tmp_pat
 
     assert records(two.stdout) == records(one.stdout)
     assert two.stderr.count("seed 9") == 1
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="the bundled model is not installed")
+def test_torchrun_evaluate_zero_shot_splits_the_images_and_measures_what_one_process_does(tmp_path):
+    """The zero-shot FID protocol under torchrun: the ranks share the images (the same files, byte for
+    byte), rank 0 alone measures and prints one result, equal to one process's."""
+    import json
+    import subprocess
+    import sys
+
+    from ctxdiff.shapes.datasets import write_samples
+
+    write_samples(tmp_path / "real", 6, seed=5, size=64)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na yellow triangle\na green cross\na white circle\n")
+    common = ["--json", "--device", "cpu", "evaluate", "--metric", "fid", "--model", str(DEFAULT_MODEL),
+              "--prompts", str(prompts), "-n", "5", "--steps", "2", "--batch-size", "2", "--real", str(tmp_path / "real"),
+              "--features", f"clip:shapes-clip:{DEFAULT_MODEL}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "ctxdiff", *common, "--fake", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ctxdiff", *common, "--fake", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    files = _files(tmp_path / "one")
+    assert sum(name.endswith(".png") for name in files) == 5
+    assert _files(tmp_path / "two") == files
+    first, second = json.loads(one.stdout), json.loads(two.stdout)      # one JSON line: rank 0's
+    assert "generate 5 for fid 5/5" in one.stderr and "generate 5 for fid 3/3" in two.stderr   # rank 0: batches 0, 2
+    assert second.pop("fake") != first.pop("fake") and second == first
