@@ -205,3 +205,28 @@ def test_shipped_condition_recipes_read_and_build(name, kind):
     assert recipe.train.keep_last * recipe.train.checkpoint_every >= recipe.train.steps   # every checkpoint kept for the curves
     if kind == "layout":
         assert all(parse_layout(p) for p in recipe.preview_prompts)
+
+
+@pytest.mark.parametrize("name, labels", [("imagenet64-class", 1000), ("coco-layout", 80)])
+def test_gpu_scale_condition_recipes_read_and_build_on_the_meta_device(name, labels):
+    """The documented GPU-scale siblings (not trained here) read, and their U-Net, conditioned adapter
+    and condition encoder build with agreeing widths (on the meta device: no memory)."""
+    from pathlib import Path
+
+    from ctxdiff.models.adapter import build_adapter
+    from ctxdiff.models.conditions import ConditionedAdapter, ConditionEncoder, complete_config
+    from ctxdiff.models.encoders import load_clip
+    from ctxdiff.training.recipe import read_recipe
+    from ctxdiff.training.trainer import _unet_config
+
+    recipe = read_recipe(Path(__file__).parent.parent / "recipes" / f"{name}.yaml")
+    clip = load_clip(recipe.model.clip, "cpu")
+    with torch.device("meta"):
+        unet = UNet(_unet_config(recipe))
+        config = complete_config(recipe.model.condition, tuple(f"label {i}" for i in range(labels)),
+                                 recipe.model.unet.text_dim, recipe.model.unet.pooled_dim)
+        adapter = ConditionedAdapter(build_adapter(recipe.model.adapter, clip), config)
+        tokens = ConditionEncoder(config)
+    assert recipe.data.image_size == recipe.model.unet.image_size == recipe.model.adapter.x_shape[-1] == 64
+    assert sum(p.numel() for p in unet.parameters()) > 100e6 and sum(p.numel() for p in adapter.parameters()) > 1e6
+    assert tokens.config.dim == recipe.model.unet.text_dim
