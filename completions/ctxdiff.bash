@@ -8,7 +8,7 @@ _ctxdiff() {
   case "$cmd" in
     "") opts="--device --json --quiet -q --debug --version --help -h edit evaluate generate invert shapes train tune-video"
       ;;
-    "edit") opts="--tgt -t --src -s --model -m --tuned --adapter --inversion --out -o --side-by-side --steps --guidance -g --negative --self-replace --cross-replace --cross-mode --blend-threshold --no-fusion --no-adapter --frames --stride --start --crop --no-detail --method --max-t --spacing --refine --window --attention-on-cpu --force --device --json --quiet -q --debug --help -h"
+    "edit") opts="--tgt -t --src -s --model -m --tuned --adapter --lora --inversion --out -o --side-by-side --steps --guidance -g --negative --self-replace --cross-replace --cross-mode --blend-threshold --no-fusion --no-adapter --frames --stride --start --crop --no-detail --method --max-t --spacing --refine --window --attention-on-cpu --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --negative) choices="source empty";; esac
       case "$prev" in --cross-mode) choices="replace refine";; esac
       case "$prev" in --method) choices="edict ddim";; esac
@@ -18,7 +18,7 @@ _ctxdiff() {
       ;;
     "generate") opts="--from-file --class --layout --model -m --adapter --height --width --vae-tiling --num -n --seed --steps --sr-steps --sampler --karras --eta --guidance -g --no-adapter --negative --init-image --strength --mask --lora --out -o --grid --batch-size --force --device --json --quiet -q --debug --help -h"
       ;;
-    "invert") opts="--prompt -p --model -m --tuned --adapter --out -o --steps --frames --stride --start --crop --method --max-t --spacing --refine --window --attention --attention-on-cpu --no-adapter --no-check --force --device --json --quiet -q --debug --help -h"
+    "invert") opts="--prompt -p --model -m --tuned --adapter --lora --out -o --steps --frames --stride --start --crop --method --max-t --spacing --refine --window --attention --attention-on-cpu --no-adapter --no-check --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --method) choices="edict ddim";; esac
       case "$prev" in --spacing) choices="leading trailing linspace";; esac
       ;;
@@ -26,7 +26,7 @@ _ctxdiff() {
       ;;
     "train") opts="--recipe -r --set --resume --print-recipe --force --device --json --quiet -q --debug --help -h"
       ;;
-    "tune-video") opts="--prompt -p --model -m --adapter --out -o --recipe -r --set --steps --frames --stride --start --crop --lr --seed --no-adapter --resume --force --device --json --quiet -q --debug --help -h"
+    "tune-video") opts="--prompt -p --model -m --adapter --lora --out -o --recipe -r --set --steps --frames --stride --start --crop --lr --seed --no-adapter --resume --force --device --json --quiet -q --debug --help -h"
       ;;
   esac
   if [[ -n "$choices" ]]; then COMPREPLY=($(compgen -W "$choices" -- "$cur")); return; fi

@@ -12,9 +12,9 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import check_finite, check_steps, model_files, pick_device
 from ctxdiff.cli.generate import safe_stem
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, CROP, FRAMES, MAX_T, MODEL, REFINE, SPACING,
-                                      START, STRIDE, TUNED, WINDOW, Method, Spacing, check_adapter_flag,
-                                      check_video_output, clip_settings, inversion_params, method_option,
+from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, CROP, FRAMES, LORA, MAX_T, MODEL, REFINE, SPACING,
+                                      START, STRIDE, TUNED, WINDOW, Method, Spacing, check_sd_flags,
+                                      check_video_output, clip_settings, inversion_params, lora_specs, method_option,
                                       refuse_source_as_output, source_prompt)
 from ctxdiff.errors import UsageError
 
@@ -37,6 +37,7 @@ def edit(
     model: Path = MODEL,
     tuned: Path = TUNED,
     adapter: Path = ADAPTER,
+    lora: list[str] = LORA,
     inversion_file: Path = typer.Option(None, "--inversion", help="Reuse an inversion from `ctxdiff invert`."),
     out: Path = typer.Option(None, "--out", "-o", help="Edited video: .mp4, .webm, .gif or a folder "
                                                        "(default: edits/<name>-<target>.mp4)."),
@@ -74,6 +75,7 @@ def edit(
     """Edit a video to match the target prompt, every frame at the source's size and fps by default;
     prints text alignment, temporal consistency, PSNR/SSIM against the source and the warp error."""
     from ctxdiff.data.video import side_by_side, write_video
+    from ctxdiff.formats.lora_ref import check_loras, lora_records
     from ctxdiff.pipelines.video import load_video_model
     from ctxdiff.pipelines.video_edit import (EditParams, check_inversion, edit_scores, edit_video, inversion_calls,
                                               invert_video, read_clip, sampling_calls)
@@ -85,10 +87,11 @@ def edit(
     path = out or Path("edits") / f"{video.stem or video.name}-{safe_stem(tgt)}.mp4"
     refuse_source_as_output(video, path)
     check_video_output(path, force)
-    check_adapter_flag(model, tuned, adapter)
+    loras = lora_specs(lora)
+    check_sd_flags(model, tuned, adapter, loras)
     device = pick_device()
     with model_files(model, tuned, adapter):
-        vmodel = load_video_model(model, tuned, device, adapter)
+        vmodel = load_video_model(model, tuned, device, adapter, loras=loras)
     if inversion_file is None:
         check_steps(steps, vmodel.sched.T)
     if no_adapter and vmodel.adapter is None:
@@ -98,6 +101,7 @@ def edit(
     if inversion_file is not None:
         inversion = _read_inversion(inversion_file)
         check_inversion(vmodel, inversion, str(inversion_file))
+        check_loras(str(inversion_file), inversion.loras, vmodel.loras, "inverted", "invert")
         if Path(inversion.source) != video.resolve():
             raise UsageError(f"{inversion_file}: inverts {inversion.source}, not {video}; pass that video or "
                              "invert again")
@@ -131,7 +135,7 @@ def edit(
     shown = side_by_side(source_frames, edited) if side_by_side_ else edited
     metadata = {"prompt": tgt, "source_prompt": text, "source": inversion.source, **asdict(params),
                 "inversion": asdict(inversion.params), "clip": selection, "detail": not no_detail,
-                "cross_mode": result.cross_mode, "model": vmodel.base.path,
+                "cross_mode": result.cross_mode, "model": vmodel.base.path, "loras": lora_records(vmodel.loras),
                 "tuned": vmodel.tuned.path if vmodel.tuned else None,
                 "scores": {k: v for k, v in scores.items() if k != "frames"}}
     write_video(path, shown, clip.fps, metadata, audio_of=clip.video)

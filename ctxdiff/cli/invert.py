@@ -10,9 +10,9 @@ import typer
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import check_steps, model_files, pick_device
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, CROP, FRAMES, MAX_T, MODEL, REFINE, SPACING,
-                                      START, STRIDE, TUNED, WINDOW, Method, Spacing, check_adapter_flag, clip_settings,
-                                      inversion_params, method_option, refuse_existing, source_prompt)
+from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, CROP, FRAMES, LORA, MAX_T, MODEL, REFINE, SPACING,
+                                      START, STRIDE, TUNED, WINDOW, Method, Spacing, check_sd_flags, clip_settings,
+                                      inversion_params, lora_specs, method_option, refuse_existing, source_prompt)
 
 
 @app.command()
@@ -23,6 +23,7 @@ def invert(
     model: Path = MODEL,
     tuned: Path = TUNED,
     adapter: Path = ADAPTER,
+    lora: list[str] = LORA,
     out: Path = typer.Option(None, "--out", "-o",
                              help="Inversion file (default: <source name>.inversion.safetensors)."),
     steps: int = typer.Option(20, "--steps", min=1, help="Inversion steps (paper: T = 20)."),
@@ -50,10 +51,11 @@ def invert(
 
     path = out or Path(f"{source.stem or source.name}.inversion.safetensors")
     refuse_existing(path, force)
-    check_adapter_flag(model, tuned, adapter)
+    loras = lora_specs(lora)
+    check_sd_flags(model, tuned, adapter, loras)
     device = pick_device()
     with model_files(model, tuned, adapter):
-        vmodel = load_video_model(model, tuned, device, adapter)
+        vmodel = load_video_model(model, tuned, device, adapter, loras=loras)
     check_steps(steps, vmodel.sched.T)
     text = source_prompt(prompt, source, (vmodel.tuned_on or {}).get("prompt"))
     if no_adapter and vmodel.adapter is None:
@@ -65,7 +67,7 @@ def invert(
     with progress_bar("invert", inversion_calls(params) + (0 if no_check else sampling_calls(params))) as bar:
         inversion = invert_video(vmodel, clip.model_video, text, params, progress=bar)
         check = None if no_check else reconstruct(vmodel, inversion, progress=bar)
-    inversion.clip = {**selection, "crop": crop}
+    inversion.clip, inversion.loras = {**selection, "crop": crop}, vmodel.loras
     save_inversion(path, inversion)
     record = {"inversion": str(path), "source": str(source), "prompt": text, "frames": len(clip), "fps": clip.fps,
               "width": clip.fit.output_size[1], "height": clip.fit.output_size[0], "method": params.method,

@@ -10,7 +10,7 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import (check_finite, check_output, check_run_start, check_seed, graceful_interrupt,
                                 model_files, pick_device)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import ADAPTER, CROP, check_adapter_flag, source_prompt
+from ctxdiff.cli.video_common import ADAPTER, CROP, LORA, check_sd_flags, lora_specs, source_prompt
 
 
 @app.command("tune-video")
@@ -20,6 +20,7 @@ def tune_video(
     model: Path = typer.Option(None, "--model", "-m", help="Base model: a t2i bundle (default: the bundled shapes "
                                                          "model) or a Stable Diffusion checkpoint."),
     adapter: Path = ADAPTER,
+    lora: list[str] = LORA,
     out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/tune-<video name>)."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML of tuning settings (see recipes/video-tune.yaml)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a setting: --set lr=3e-5 (repeatable)."),
@@ -52,10 +53,11 @@ def tune_video(
     check_output(run, "folder")
     if not force:
         check_run_start(run, resume, force)          # refused before the model loads
-    check_adapter_flag(model, None, adapter)
+    loras = lora_specs(lora)
+    check_sd_flags(model, None, adapter, loras)
     device = pick_device()
     with model_files(model, adapter):
-        vmodel = load_video_model(model, None, device, adapter, window=config.window)
+        vmodel = load_video_model(model, None, device, adapter, window=config.window, loras=loras)
     clip = read_source(video, config.frames, config.stride, config.start, vmodel.image_size, crop=crop)
     if force:
         check_run_start(run, resume, force)          # replaces a run's files only once all else is known good

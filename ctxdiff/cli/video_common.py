@@ -27,6 +27,9 @@ MODEL = typer.Option(None, "--model", "-m",
                      help="Base model: a t2i bundle or a Stable Diffusion checkpoint (default: the tuned file's "
                           "base, else the bundled model).")
 ADAPTER = typer.Option(None, "--adapter", help="A latent adapter file for a Stable Diffusion --model.")
+LORA = typer.Option(None, "--lora", metavar="FILE[:WEIGHT]",
+                    help="Stable Diffusion: merge a LoRA with this weight (default 1) into the base before "
+                         "anything else; repeat for more. Recorded: tuned files and inversions need the same ones.")
 TUNED = typer.Option(None, "--tuned", help="A tuned file from `ctxdiff tune-video`.")
 FRAMES = typer.Option(None, "--frames", min=1, help="Frames to read (default: every frame from --start).")
 STRIDE = typer.Option(None, "--stride", min=1, help="Take every n-th frame (default 1).")
@@ -99,18 +102,28 @@ def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag:
     raise UsageError(f"no source prompt for {source}: pass {flag} \"what the video shows\"")
 
 
-def check_adapter_flag(model: Path | None, tuned: Path | None, adapter: Path | None) -> None:
-    """--adapter goes with a Stable Diffusion --model; with a t2i bundle (given, or the bundled one
-    when neither --model nor --tuned is) it is a usage error, as in `generate`. (A tuned file names
-    its own base; its loader checks that one.)"""
+def lora_specs(specs: list[str] | None) -> list[tuple[Path, float]]:
+    """The (file, weight) pairs of the --lora options, as `generate` reads them."""
+    from ctxdiff.models.latent.lora import parse_lora_spec
+
+    return [parse_lora_spec(spec) for spec in specs or []]
+
+
+def check_sd_flags(model: Path | None, tuned: Path | None, adapter: Path | None,
+                   loras: list[tuple[Path, float]]) -> None:
+    """--adapter and --lora go with a Stable Diffusion --model; with a t2i bundle (given, or the bundled
+    one when neither --model nor --tuned is) they are a usage error, as in `generate`. (A tuned file
+    names its own base; its loader checks that one.)"""
     from ctxdiff.formats.latent_adapter import is_sd_model
 
-    if adapter is None or (model is None and tuned is not None):
+    given = [flag for flag, value in (("--adapter", adapter), ("--lora", loras)) if value]
+    if not given or (model is None and tuned is not None):
         return
     if model is not None and (not Path(model).exists() or is_sd_model(model)):
         return
     what = f"{model} is a ctxdiff t2i bundle" if model is not None else "the bundled model is a ctxdiff t2i bundle"
-    raise UsageError(f"--adapter: only for Stable Diffusion checkpoints; {what} (it carries its own adapter)")
+    raise UsageError(f"{', '.join(given)}: only for Stable Diffusion checkpoints; {what} (it carries its own "
+                     "adapter and takes no LoRA)")
 
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".gif")

@@ -1,6 +1,7 @@
 """The video inversion file (kind "video-inversion", written by `ctxdiff invert`): the DDIM trajectory
 of a source clip, its frames, the optional attention maps for fusion, and what made it (prompt,
-settings, base model and tuned file by `ModelRef`), for `ctxdiff edit --inversion`."""
+settings, base model and tuned file by `ModelRef`, the LoRAs merged into the base by `LoraRef`), for
+`ctxdiff edit --inversion`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from ctxdiff.checkpoints import load_bundle, save_bundle
+from ctxdiff.formats.lora_ref import LoraRef, lora_records, read_lora_records
 from ctxdiff.formats.model_ref import ModelRef
 from ctxdiff.recipes import from_dict
 
@@ -77,6 +79,7 @@ class Inversion:
     attention: dict[str, torch.Tensor] | None = None
     partner: torch.Tensor | None = None    # edict: the chain y at t_N, [F, C, H, W]
     clip: dict | None = None    # how the frames were taken from `source`: frames, stride, start, crop (the CLI's)
+    loras: tuple[LoraRef, ...] = ()   # the LoRAs merged into the base model (Stable Diffusion)
 
     @property
     def sampling_steps(self) -> list[int]:
@@ -101,7 +104,7 @@ def save_inversion(path: str | Path, inversion: Inversion) -> Path:
     extra = {"timesteps": inversion.timesteps, "fps": inversion.fps, "prompt": inversion.prompt,
              "params": asdict(inversion.params), "model": asdict(inversion.model),
              "tuned": asdict(inversion.tuned) if inversion.tuned else None, "source": inversion.source,
-             "clip": inversion.clip}
+             "clip": inversion.clip, "loras": lora_records(inversion.loras)}
     return save_bundle(path, modules, {}, kind=INVERSION_KIND, extra=extra)
 
 
@@ -111,4 +114,5 @@ def load_inversion(path: str | Path) -> Inversion:
     return Inversion(bundle.tensors["trajectory"]["x"], list(e["timesteps"]), bundle.tensors["frames"]["rgb"].numpy(),
                      float(e["fps"]), e["prompt"], from_dict(InversionParams, e["params"], "params"),
                      ModelRef(**e["model"]), ModelRef(**e["tuned"]) if e["tuned"] else None, e["source"],
-                     bundle.tensors.get("attention"), bundle.tensors.get("partner", {}).get("y"), e.get("clip"))
+                     bundle.tensors.get("attention"), bundle.tensors.get("partner", {}).get("y"), e.get("clip"),
+                     read_lora_records(e.get("loras")))

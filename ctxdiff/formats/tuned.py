@@ -1,7 +1,8 @@
 """The one-shot tuned video file (kind "video-tuned", written by `ctxdiff tune-video`): only the tuned
 tensors (attention query projections, temporal layers, adapter) and a reference to its base model
 (`ModelRef`: the base file's path and the SHA-256 of its bytes, of its model parts for a diffusers
-folder). Loading it over another base model is refused."""
+folder), with the LoRAs merged into that base (`LoraRef`s). Loading it over another base model, or
+over other LoRAs, is refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from ctxdiff.checkpoints import load_module_state, save_bundle
 from ctxdiff.errors import CtxdiffError
+from ctxdiff.formats.lora_ref import lora_records
 from ctxdiff.formats.model_ref import ModelRef
 from ctxdiff.formats.t2i import DEFAULT_MODEL
 from ctxdiff.models.inflate import VideoUNet
@@ -67,13 +69,14 @@ def load_tuned_unet(unet: VideoUNet, state: dict[str, torch.Tensor], name: str) 
 
 
 def save_tuned(path: str | Path, model: VideoDenoiser, tune_config, prompt: str, video: str, step: int) -> Path:
-    """Write the tuned tensors of `model` and the reference to its base model (kind "video-tuned")."""
+    """Write the tuned tensors of `model` and the references to its base model and the LoRAs merged into
+    it (kind "video-tuned")."""
     modules: dict = {"unet": {name: p.detach() for name, p in model.unet.tunable_state().items()}}
     if model.adapter is not None:
         modules["adapter"] = model.adapter
     configs = {"inflate": model.unet.config, "tune": tune_config,
                "video_adapter": model.adapter.config if model.adapter is not None else None}
-    extra = {"base_model": asdict(model.base), "backbone": model.backbone, "prompt": prompt, "video": video,
-             "step": step}
+    extra = {"base_model": asdict(model.base), "loras": lora_records(model.loras), "backbone": model.backbone,
+             "prompt": prompt, "video": video, "step": step}
     model.add_to_tuned_file(modules, configs, extra)
     return save_bundle(path, modules, configs, kind=TUNED_KIND, extra=extra)

@@ -9,6 +9,9 @@ tuned, inverted and edited as latent videos [F, 4, H/8, W/8], and decoded at the
   recipe) inflated with temporal causal attention; or, when tuning without one, a new
   spatio-temporal adapter on latent patches whose output starts at zero (plain SD at step 0) and
   is trained on the source video with the rest of the tuned parameters, as the paper does.
+- LoRAs (`loras`) are merged into the SD U-Net and text encoder after the adapter file's backbone check
+  and before inflating, so a tuned file's query projections (tuned over the merged weights) replace
+  the merged ones; tuned files and inversions record them (formats/lora_ref.py).
 - Tuning uses SD's own loss weighting (the epsilon loss = Eq. 6's x0 loss times SNR_t).
 - Cross-attention columns are SD's 77 token positions (no null key): the start token is column 0.
 - Scores (text alignment, temporal consistency) need a CLIP with an image tower; SD has none, so
@@ -28,6 +31,7 @@ from ctxdiff.data.png import to_uint8
 from ctxdiff.diffusion.schedule import schedule_from_alpha_bar
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.latent_adapter import LatentAdapterFile, check_adapter_fits
+from ctxdiff.formats.lora_ref import LoraRef, check_loras, read_lora_records
 from ctxdiff.formats.model_ref import ModelRef
 from ctxdiff.formats.tuned import TUNED_KIND, check_base, default_base, load_tuned_unet, tuned_on
 from ctxdiff.models.adapter import AdapterConfig, ContextAdapter, image_branch
@@ -35,6 +39,7 @@ from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipConfig, ClipEncoders, load_clip
 from ctxdiff.models.inflate import InflateConfig, VideoUNet
 from ctxdiff.models.latent import LatentModels, as_x0_predictor, load_sd
+from ctxdiff.models.latent.lora import merge_loras, read_lora
 from ctxdiff.models.temporal import fixed_init
 from ctxdiff.models.video_adapter import VideoAdapter, VideoAdapterConfig
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser, frames_to_tensor
@@ -55,6 +60,7 @@ class LatentVideoModel(VideoDenoiser):
     tuned: ModelRef | None = None
     tuned_on: dict | None = None
     adapter_ref: ModelRef | None = None
+    loras: tuple[LoraRef, ...] = ()
 
     backbone = "sd"
     first_token_column = 0
@@ -128,9 +134,11 @@ class LatentVideoModel(VideoDenoiser):
     @classmethod
     def load(cls, model: str | Path | None = None, tuned: str | Path | None = None,
              device: str | torch.device = "cpu", adapter: str | Path | None = None,
-             inflate: InflateConfig = InflateConfig(), window: int = 3) -> "LatentVideoModel":
-        """The SD checkpoint `model` (default: the one the tuned file was tuned on) inflated, with the
-        tuned file's tensors, or with the latent adapter file `adapter` inflated (window frames)."""
+             inflate: InflateConfig = InflateConfig(), window: int = 3,
+             loras: list[tuple[str | Path, float]] = ()) -> "LatentVideoModel":
+        """The SD checkpoint `model` (default: the one the tuned file was tuned on) with the LoRAs
+        `loras` ((file, weight) pairs) merged, inflated, with the tuned file's tensors (refused when it
+        was tuned over other LoRAs), or with the latent adapter file `adapter` inflated (window frames)."""
         bundle = load_bundle(tuned, kind=TUNED_KIND) if tuned is not None else None
         recorded = ModelRef(**bundle.extra["base_model"]) if bundle is not None else None
         if bundle is not None and adapter is not None:
@@ -141,6 +149,10 @@ class LatentVideoModel(VideoDenoiser):
         if not path.exists():
             raise CtxdiffError(f"{path}: no such Stable Diffusion checkpoint; pass --model FILE")
         ref = check_base(tuned, recorded, path)
+        lora_files = [(read_lora(lora), float(weight)) for lora, weight in loras]
+        lora_refs = tuple(LoraRef.of(lora.path, weight) for lora, weight in lora_files)
+        if bundle is not None:
+            check_loras(str(tuned), read_lora_records(bundle.extra.get("loras")), lora_refs, "tuned", "tune")
         device = torch.device(device)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         file = LatentAdapterFile.read(adapter) if adapter is not None else None
@@ -152,6 +164,7 @@ class LatentVideoModel(VideoDenoiser):
             image: ContextAdapter = file.build(models, path, device)
             clip = image.image_encoder.clip if image.config.image_branch == "clip" else None
             video_adapter = VideoAdapter.from_image_adapter(image, window)
+        merge_loras(models, lora_files)
         if bundle is not None:
             inflate = from_dict(InflateConfig, bundle.configs["inflate"], "inflate")
         unet = VideoUNet(models.unet, inflate).eval()
@@ -167,4 +180,4 @@ class LatentVideoModel(VideoDenoiser):
             load_tuned_unet(unet, bundle.tensors.get("unet", {}), f"{tuned} unet")
         return cls(models, unet, video_adapter.eval() if video_adapter is not None else None, clip, ref,
                    ModelRef.of(tuned) if tuned is not None else None, tuned_on(bundle),
-                   ModelRef.of(adapter) if adapter is not None else None)
+                   ModelRef.of(adapter) if adapter is not None else None, lora_refs)

@@ -18,10 +18,11 @@ from ctxdiff.pipelines.video_model import VideoModel
 
 def load_video_model(model: str | Path | None = None, tuned: str | Path | None = None,
                      device: str | torch.device = "cpu", adapter: str | Path | None = None,
-                     window: int = 3) -> VideoDenoiser:
+                     window: int = 3, loras: list[tuple[str | Path, float]] = ()) -> VideoDenoiser:
     """A pixel `VideoModel` for a t2i bundle, a `LatentVideoModel` for a Stable Diffusion checkpoint
     (`model`, or the one the tuned file was tuned on); `adapter`: a latent adapter file (SD only);
-    `window`: the temporal causal window of an adapter inflated here."""
+    `window`: the temporal causal window of an adapter inflated here; `loras`: (file, weight) pairs
+    merged into the SD base (SD only)."""
     if model is not None and not Path(model).exists():
         raise CtxdiffError(f"{model}: no such model file or folder; pass --model (a t2i bundle or a Stable "
                            "Diffusion checkpoint)")
@@ -31,8 +32,12 @@ def load_video_model(model: str | Path | None = None, tuned: str | Path | None =
     else:
         latent = model is not None and is_sd_model(model)
     if latent:
-        return LatentVideoModel.load(model, tuned, device, adapter, window=window)
+        return LatentVideoModel.load(model, tuned, device, adapter, window=window, loras=loras)
     if adapter is not None:
         raise CtxdiffError("--adapter is for Stable Diffusion models (a latent adapter file); a ctxdiff t2i "
                            "bundle carries its own adapter")
+    if loras:
+        what = f"{tuned} tunes" if tuned is not None else f"{model or 'the bundled model'} is"
+        raise CtxdiffError(f"--lora: only for Stable Diffusion checkpoints; {what} a ctxdiff t2i bundle (it takes no "
+                           "LoRA)")
     return VideoModel.load(model, tuned, device, window=window)

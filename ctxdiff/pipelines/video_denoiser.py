@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ctxdiff.diffusion.schedule import Schedule
+from ctxdiff.formats.lora_ref import LoraRef
 from ctxdiff.formats.model_ref import ModelRef
 from ctxdiff.models.conditioning import TextCondition
 from ctxdiff.models.encoders import ClipEncoders
@@ -98,6 +99,7 @@ class VideoDenoiser:
     tuned: ModelRef | None
     tuned_on: dict | None           # the tuned file's prompt, video, frames, stride and start
     adapter_ref: ModelRef | None = None   # the adapter file the adapter came from (None: the base model's)
+    loras: tuple[LoraRef, ...] = ()      # the LoRAs merged into the base (Stable Diffusion only)
     backbone = "pixel"              # what a tuned file records ("pixel" or "sd")
     clamp_x0 = True                 # x0_hat lies in [-1, 1] (pixels; latents are not clamped)
     first_token_column = 1          # cross-attention column of the start token (pixel U-Nets: after a null key)

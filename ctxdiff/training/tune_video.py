@@ -146,14 +146,15 @@ class VideoTuner:
         config = {k: v for k, v in to_dict(self.config).items() if k not in RESUMABLE_CHANGES}
         adapter = self.model.adapter
         return {"config": config, "base_sha256": self.model.base.sha256, "prompt": self.prompt,
+                "loras": sorted([lora.sha256, lora.weight] for lora in self.model.loras),
                 "video": self.video_source, "adapter": asdict(adapter.config) if adapter is not None else None,
                 "adapter_sha256": self.model.adapter_ref.sha256 if self.model.adapter_ref is not None else None}
 
     def _load_latest(self) -> None:
         state, path = load_latest_good_state(self.ckpt_dir, self.log)
         if state.get("identity") != self._identity():
-            raise CtxdiffError(f"{path}: this checkpoint was tuned with another base model, adapter, video, prompt or "
-                               "settings; "
+            raise CtxdiffError(f"{path}: this checkpoint was tuned with another base model, LoRAs, adapter, video, "
+                               "prompt or settings; "
                                "resume with the command that started the run")
         self.model.unet.load_state_dict(state["unet"], strict=False)
         if self.model.adapter is not None:
