@@ -273,7 +273,7 @@ def test_a_video_without_frames_is_a_one_line_error(tiny, tmp_path, capsys):
 
 def test_asking_more_frames_than_the_video_has_is_a_one_line_error(tiny, tmp_path, capsys):
     video = source_clip(tmp_path)[0]
-    assert main(["tune-video", str(video), "--model", str(tiny["a"]), "--frames", "8", "--out",
+    assert main(["tune-video", str(video), "--model", str(tiny["a"]), "--frames", "9", "--out",
                  str(tmp_path / "run")]) == 1
     assert "has 8 frames" in one_line_error(capsys)
 

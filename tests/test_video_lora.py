@@ -77,7 +77,7 @@ def recorded(path, weight: float) -> list[dict]:
 
 
 def tune(files, video, run, *lora: str) -> object:
-    argv = ["tune-video", str(video), "--model", str(files["sd"]), "--steps", "1", "--lr", "1e-3", "--frames", "4", "--stride", "1", "--out", str(run)]
+    argv = ["tune-video", str(video), "--model", str(files["sd"]), "--steps", "1", "--lr", "1e-3", "--out", str(run)]
     assert main([*argv, *[arg for spec in lora for arg in ("--lora", spec)]]) == 0
     return run / "tuned.safetensors"
 
@@ -159,7 +159,7 @@ def test_resuming_a_tuning_with_other_loras_is_refused(files, video, tmp_path, c
     run = tmp_path / "tune"
     tune(files, video, run, str(files["lora"]))
     capsys.readouterr()
-    assert main(["tune-video", str(video), "--model", str(files["sd"]), "--steps", "2", "--lr", "1e-3", "--frames", "4", "--stride", "1",
+    assert main(["tune-video", str(video), "--model", str(files["sd"]), "--steps", "2", "--lr", "1e-3",
                  "--out", str(run), "--resume"]) == 1
     assert "another base model, LoRAs" in one_line_error(capsys)
 

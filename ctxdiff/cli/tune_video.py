@@ -10,7 +10,8 @@ from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import (check_finite, check_output, check_run_start, check_seed, graceful_interrupt,
                                 model_files, pick_device)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import ADAPTER, CROP, LORA, check_sd_flags, lora_specs, source_prompt
+from ctxdiff.cli.video_common import (ADAPTER, CROP, FRAMES, LORA, START, STRIDE, check_sd_flags, lora_specs,
+                                      source_prompt)
 
 
 @app.command("tune-video")
@@ -25,9 +26,9 @@ def tune_video(
     recipe: Path = typer.Option(None, "--recipe", "-r", help="YAML of tuning settings (see recipes/video-tune.yaml)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a setting: --set lr=3e-5 (repeatable)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 500)."),
-    frames: int = typer.Option(None, "--frames", min=1, help="Frames to tune on (Tab. 8: 8..24; default 8)."),
-    stride: int = typer.Option(None, "--stride", min=1, help="Take every n-th frame (Tab. 8 sampling rate: 2)."),
-    start: int = typer.Option(None, "--start", min=0, help="First frame to take."),
+    frames: int = FRAMES,
+    stride: int = STRIDE,
+    start: int = START,
     crop: bool = CROP,
     lr: float = typer.Option(None, "--lr", min=0.0, callback=check_finite, help="AdamW learning rate (Tab. 8: 1e-5)."),
     seed: int = typer.Option(None, "--seed", callback=check_seed,
@@ -40,8 +41,10 @@ def tune_video(
 ) -> None:
     """One-shot tuning on a source video: adapter, attention queries and temporal layers (Tab. 8).
 
-    Tuning holds its frames at once, so it takes Tab. 8's 8 frames every 2nd by default (`edit` and
-    `invert` take the whole clip); frames are letterboxed onto the model's square unless --crop."""
+    Reads every frame of the clip by default, as `edit` and `invert` do; each step trains on frame 0
+    and a run of consecutive frames drawn per step (`window_frames`, default 8: the low end of Tab.
+    8's 8..24; --set window_frames=N), so memory does not grow with the clip's length. Frames are
+    letterboxed onto the model's square unless --crop."""
     from ctxdiff.pipelines.video_edit import read_source
     from ctxdiff.pipelines.video import load_video_model
     from ctxdiff.training.tune_video import VideoTuner, load_tune_config

@@ -3,13 +3,20 @@ Appendix C Tab. 8; Tune-A-Video's choice of trainable parameters).
 
 Trained: the video adapter r_phi (all of it), the query projections of the U-Net's spatial self-
 and cross-attention, and the temporal attention layers; the rest of the U-Net and the CLIP stay
-frozen. The loss is Eq. 6 on the clip, one diffusion step t per clip (shared by its frames):
+frozen. The loss is Eq. 6 on the step's frames, one diffusion step t per step (shared by its frames):
 
     L = || x_0 - f_theta(sqrt(abar_t) x_0 + k_t r_phi(x_0, c, t) + sqrt(1 - abar_t) eps, c, t) ||^2
 
-Exact resume, as in `ctxdiff train`: step k draws t and eps from a generator seeded by (seed, k)
-and seeds the dropout layers from it too, so a run resumed from the checkpoint of step k goes on
-exactly as the uninterrupted run. A checkpoint holds the tuned tensors, the optimizer and the step.
+The whole clip is read (as `edit` and `invert` read it), and each step trains on a window of it,
+so memory does not grow with its length: the clip's first frame, the sparse-causal anchor every frame
+attends to (as in the windows of inversion and editing, `pipelines/video_denoiser.frame_windows`),
+and a run of consecutive frames from a start the step draws (`tuning_window`); a clip of at most
+`window_frames` frames trains on all of them at every step.
+
+Exact resume, as in `ctxdiff train`: step k draws its window, t and eps from a generator seeded by
+(seed, k) and seeds the dropout layers from it too, so a run resumed from the checkpoint of step k
+goes on exactly as the uninterrupted run. A checkpoint holds the tuned tensors, the optimizer and
+the step.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from ctxdiff.data.video import Video
 from ctxdiff.diffusion import diffusion_loss
 from ctxdiff.errors import CtxdiffError
 from ctxdiff.formats.tuned import save_tuned
-from ctxdiff.pipelines.video_denoiser import VideoDenoiser
+from ctxdiff.pipelines.video_denoiser import FrameWindow, VideoDenoiser
 from ctxdiff.recipes import apply_overrides, check_finite_fields, check_seed_range, from_dict, read_recipe_data, to_dict
 from ctxdiff.training.trainer import step_seed
 from ctxdiff.training.trainer import check_run_folder
@@ -47,25 +54,31 @@ class TuneConfig:
     weight_decay: float = 1e-2                 # Tab. 8
     adam_betas: tuple[float, float] = (0.9, 0.999)   # Tab. 8
     grad_clip: float | None = 1.0  # max global grad norm; null: no clipping
-    frames: int = 8                            # Tab. 8: 8..24
-    stride: int = 2                            # Tab. 8 "sampling rate"
+    frames: int | None = None  # frames read from the clip (null: every frame from start)
+    stride: int = 1  # read every n-th frame (Tab. 8's "sampling rate" is 2)
     start: int = 0  # first source frame taken
+    window_frames: int = 8  # frames per optimizer step: frame 0 and a run of consecutive frames
+                            # drawn per step (Tab. 8: 8..24)
     gradient_checkpointing: bool = True        # Tab. 8 "use checkpoint"
     adapter: bool = True                       # False: tune without the adapter (the Tune-A-Video baseline)
     window: int = 3                            # Tab. 8: frames of the adapter's temporal causal attention
     checkpoint_every: int = 100  # steps between training states
     keep_last: int = 2  # training states kept; the newest by step
     log_every: int = 10  # steps between lines of metrics.jsonl
-    seed: int = 0  # of noise, timesteps and dropout: a run is a function of it
+    seed: int = 0  # of windows, noise, timesteps and dropout: a run is a function of it
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "lr", "weight_decay", "adam_betas", "grad_clip")
         check_seed_range(self.seed)
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be in [0, 1), got {self.adam_betas}")
-        for name in ("steps", "frames", "stride", "window", "checkpoint_every", "keep_last", "log_every"):
+        for name in ("steps", "stride", "window", "checkpoint_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frames is not None and self.frames < 1:
+            raise ValueError(f"frames must be >= 1 or null (every frame), got {self.frames}")
+        if self.window_frames < 2:
+            raise ValueError(f"window_frames must be >= 2 (frame 0 and one of the others), got {self.window_frames}")
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -84,6 +97,15 @@ def load_tune_config(recipe: str | Path | None = None, overrides: list[str] | tu
     return from_dict(TuneConfig, data)
 
 
+def tuning_window(total: int, size: int, gen: torch.Generator) -> FrameWindow:
+    """The frames one tuning step trains on: every frame of a clip of at most `size` (no draw), else
+    frame 0 and the size - 1 consecutive frames from a start drawn by `gen` in 1 .. total - size + 1."""
+    if total <= size:
+        return FrameWindow(tuple(range(total)))
+    start = int(torch.randint(1, total - size + 2, (1,), generator=gen))
+    return FrameWindow((0, *range(start, start + size - 1)))
+
+
 @dataclass
 class TuneResult:
     step: int
@@ -97,6 +119,7 @@ class VideoTuner:
 
     The run folder `out` holds checkpoints/, metrics.jsonl and tuned.safetensors. `config.frames`
     is taken from the clip (an image source gives one frame), so the tuned file records what was read.
+    Each step trains on `window_frames` of them (`tuning_window`; the whole clip when it is shorter).
     """
 
     def __init__(self, model: VideoDenoiser, video: Video, prompt: str, config: TuneConfig, out: str | Path,
@@ -128,10 +151,10 @@ class VideoTuner:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas),
                                            weight_decay=config.weight_decay)
-        self.frames = len(video)
         self.x0 = model.to_model(video.frames)
+        self.window_frames = min(len(video), config.window_frames)
         with torch.no_grad():
-            self.cond = model.encode(prompt, self.frames)
+            self.cond = model.encode(prompt, self.window_frames)
         self.step = 0
         if resume:
             self._load_latest()
@@ -181,18 +204,20 @@ class VideoTuner:
     # ------------------------------------------------------------------ loop
 
     def train_step(self) -> float:
-        """One AdamW step on Eq. 6 for the clip; returns the loss."""
-        model, seed = self.model, step_seed(self.config.seed, self.step)
+        """One AdamW step on Eq. 6 for the step's window of the clip; returns the loss."""
+        model, seed, n = self.model, step_seed(self.config.seed, self.step), self.window_frames
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed + 1)  # dropout layers
-        t = torch.randint(1, model.sched.T + 1, (1,), generator=gen).repeat(self.frames).to(model.device)
-        noise = torch.randn(self.x0.shape, generator=gen).to(model.device)
+        window = tuning_window(len(self.x0), n, gen)
+        x0 = self.x0[list(window.frames)]
+        t = torch.randint(1, model.sched.T + 1, (1,), generator=gen).repeat(n).to(model.device)
+        noise = torch.randn(x0.shape, generator=gen).to(model.device)
         model.unet.train()
         if model.adapter is not None:
             model.adapter.train()
         with torch.autocast(model.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            loss = diffusion_loss(model.sched, model.x0_fn(self.frames, clamp=False), self.x0, self.cond,
-                                  model.adapter_fn(self.frames), t=t, noise=noise,
+            loss = diffusion_loss(model.sched, model.x0_fn(n, clamp=False), x0, self.cond,
+                                  model.adapter_fn(n), t=t, noise=noise,
                                   weighting=model.diffusion.loss_weighting, gamma=model.diffusion.min_snr_gamma)
         if not torch.isfinite(loss):
             raise CtxdiffError(f"the loss became {loss.item()} at step {self.step + 1}; stopped without saving it "
