@@ -242,3 +242,10 @@ def check_strength(value: float | None) -> float | None:
         raise typer.BadParameter(f"must lie in (0, 1] (the share of the steps that repaint --init-image; 1: from "
                                  f"noise), not {value}")
     return value
+
+
+def lora_specs(specs: list[str] | None) -> list[tuple[Path, float]]:
+    """The (file, weight) pairs of the --lora FILE[:WEIGHT] options (generate and the video commands)."""
+    from ctxdiff.models.latent.lora import parse_lora_spec
+
+    return [parse_lora_spec(spec) for spec in specs or []]

@@ -9,12 +9,12 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import check_finite, check_steps, model_files, pick_device
+from ctxdiff.cli.common import check_finite, check_steps, lora_specs, model_files, pick_device
 from ctxdiff.cli.generate import safe_stem
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
 from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, CROP, FRAMES, LORA, MAX_T, MODEL, REFINE, SPACING,
                                       START, STRIDE, TUNED, WINDOW, Method, Spacing, check_sd_flags,
-                                      check_video_output, clip_settings, inversion_params, lora_specs, method_option,
+                                      check_video_output, clip_settings, inversion_params, method_option,
                                       refuse_source_as_output, source_prompt)
 from ctxdiff.errors import UsageError
 

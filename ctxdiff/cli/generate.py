@@ -21,7 +21,7 @@ import typer
 
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import (check_finite, check_output, check_sampler, check_seed, check_steps, check_strength,
-                                image_seed, model_files, pick_device, read_stdin)
+                                image_seed, lora_specs, model_files, pick_device, read_stdin)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
 from ctxdiff.errors import CtxdiffError, UsageError
 
@@ -121,7 +121,7 @@ def generate(
         _sampler_name(sampler, karras, given=True)          # --karras with ddim/ddpm: before any work
     check_output(out, "folder", force=force, empty=True)
     model_path = model or default_model()
-    loras = _lora_specs(lora or [])
+    loras = lora_specs(lora)
     device = distributed.join(pick_device())
     main_rank = distributed.is_main()
     try:
@@ -260,12 +260,6 @@ def _sampler_name(name: str, karras: bool, given: bool) -> str:
         raise UsageError(f"--karras: Karras sigmas are for the solvers ({', '.join(SOLVERS)}), not {base}{default}; "
                          "pass --sampler with one of them")
     return f"{base}-karras"
-
-
-def _lora_specs(specs: list[str]) -> list[tuple[Path, float]]:
-    from ctxdiff.models.latent.lora import parse_lora_spec
-
-    return [parse_lora_spec(spec) for spec in specs]
 
 
 def _init_image(pipe, path: Path | None, strength: float | None, mask: Path | None, sampler: str):

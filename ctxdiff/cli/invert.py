@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 
 from ctxdiff.cli.app import app, options
-from ctxdiff.cli.common import check_steps, model_files, pick_device
+from ctxdiff.cli.common import check_steps, lora_specs, model_files, pick_device
 from ctxdiff.cli.output import emit_json, print_table, progress_bar, warn
 from ctxdiff.cli.video_common import (ADAPTER, ATTENTION_ON_CPU, CROP, FRAMES, LORA, MAX_T, MODEL, REFINE, SPACING,
                                       START, STRIDE, TUNED, WINDOW, Method, Spacing, check_sd_flags, clip_settings,
-                                      inversion_params, lora_specs, method_option, refuse_existing, source_prompt)
+                                      inversion_params, method_option, refuse_existing, source_prompt)
 
 
 @app.command()

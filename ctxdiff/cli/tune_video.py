@@ -8,10 +8,9 @@ import typer
 
 from ctxdiff.cli.app import app, options
 from ctxdiff.cli.common import (check_finite, check_output, check_run_start, check_seed, graceful_interrupt,
-                                model_files, pick_device)
+                                lora_specs, model_files, pick_device)
 from ctxdiff.cli.output import emit_json, info, print_table, progress_bar, warn
-from ctxdiff.cli.video_common import (ADAPTER, CROP, FRAMES, LORA, START, STRIDE, check_sd_flags, lora_specs,
-                                      source_prompt)
+from ctxdiff.cli.video_common import (ADAPTER, CROP, FRAMES, LORA, START, STRIDE, check_sd_flags, source_prompt)
 
 
 @app.command("tune-video")

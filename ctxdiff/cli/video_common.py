@@ -102,13 +102,6 @@ def source_prompt(given: str | None, source: Path, *fallbacks: str | None, flag:
     raise UsageError(f"no source prompt for {source}: pass {flag} \"what the video shows\"")
 
 
-def lora_specs(specs: list[str] | None) -> list[tuple[Path, float]]:
-    """The (file, weight) pairs of the --lora options, as `generate` reads them."""
-    from ctxdiff.models.latent.lora import parse_lora_spec
-
-    return [parse_lora_spec(spec) for spec in specs or []]
-
-
 def check_sd_flags(model: Path | None, tuned: Path | None, adapter: Path | None,
                    loras: list[tuple[Path, float]]) -> None:
     """--adapter and --lora go with a Stable Diffusion --model; with a t2i bundle (given, or the bundled
