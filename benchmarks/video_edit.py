@@ -5,7 +5,8 @@
     python benchmarks/video_edit.py cost --device cuda --model sd15   # 512x512, SD 1.5-shaped, fp16
     python benchmarks/video_edit.py shapes --train-steps 1000 --seeds 12
     python benchmarks/video_edit.py inversion                  # reconstruction PSNR per method and clip
-    python benchmarks/video_edit.py heldout                    # held-out edits, adapter on/off, EDICT/DDIM
+    python benchmarks/video_edit.py heldout                    # held-out edits, adapter on/off, EDICT/DDIM, blends
+    python benchmarks/video_edit.py heldout --seed-offset 100 --blend-threshold 0.3   # tuning clips, not reported
     python benchmarks/video_edit.py windows --frames 16 80     # peak memory against clip length
 
 `cost` runs every (frames, adapter) pair in its own process on a model of the bundled default's
@@ -40,6 +41,9 @@ default, DDIM with guidance away from the empty prompt): the share of frames the
 in, the centroid path's correlation with the source's, the background's mean |edit - source|, the
 reconstruction PSNR, `edit --tgt SRC`'s PSNR (guided, fused), PSNR outside the blend mask, warp error,
 CLIP text alignment and temporal consistency, at the source's size. No setting was tuned on these clips.
+The local-blending arms (edit_mask.py: the source's inverted state outside a blend mask from the span-scaled
+attention or from DiffEdit) took their thresholds from `--seed-offset 100` (the same clips drawn with seeds
+9501-9504): `heldout --seed-offset 100 --blend-threshold X` for X in 0.2, 0.3, 0.5 (0.7 for attention-span).
 
 `windows` runs EDICT inversion and a fused edit of car-turn at each length, windowed or not, each in
 its own process, and reports the peak RSS (attention maps kept on the CPU, counted in).
@@ -352,10 +356,21 @@ HELD_OUT_EDITS = [   # (source, target, frames, (height, width), stride, seed): 
     ("a cyan cross moving down on a gray background",
      "a red cross moving down on a gray background", 24, (48, 32), 1, 9404),
 ]
-EDIT_ARMS = {   # (inversion method, adapter, what guidance steers away from)
-    "ddim, adapter (default)": ("ddim", True, "source"), "ddim, no adapter": ("ddim", False, "source"),
-    "edict, adapter": ("edict", True, "source"), "edict, no adapter": ("edict", False, "source"),
-    "ddim, adapter, away from '' (old default)": ("ddim", True, "empty")}
+EDIT_ARMS = {   # (inversion method, adapter, what guidance steers away from, other EditParams)
+    "ddim, adapter (default)": ("ddim", True, "source", {}), "ddim, no adapter": ("ddim", False, "source", {}),
+    "edict, adapter": ("edict", True, "source", {}), "edict, no adapter": ("edict", False, "source", {}),
+    "ddim, adapter, away from '' (old default)": ("ddim", True, "empty", {}),
+    # local blending (issue 19 item 2): the source's inverted state outside the mask at every step; thresholds
+    # chosen on the clips of --seed-offset 100 (seeds 9501-9504), never on these
+    "ddim, adapter, attention-span keep": ("ddim", True, "source", {"mask_from": "attention-span",
+                                                                     "keep_source": True, "blend_threshold": 0.7}),
+    "ddim, adapter, diffedit keep": ("ddim", True, "source", {"mask_from": "diffedit", "keep_source": True,
+                                                               "blend_threshold": 0.3}),
+    "ddim, no adapter, diffedit keep": ("ddim", False, "source", {"mask_from": "diffedit", "keep_source": True,
+                                                                   "blend_threshold": 0.3}),
+    "edict, adapter, diffedit keep": ("edict", True, "source", {"mask_from": "diffedit", "keep_source": True,
+                                                                 "blend_threshold": 0.3})}
+DEFAULT_ARMS = [*list(EDIT_ARMS)[:4], *list(EDIT_ARMS)[5:]]
 
 
 def held_out_edit_clip(source: str, frames: int, size: tuple[int, int], stride: int, seed: int, model_side: int):
@@ -415,19 +430,26 @@ def heldout(args) -> None:
     top = highest_invertible_step(model.sched)
     arms = {name: EDIT_ARMS[name] for name in args.arms}
     rows = []
+    inversions: dict = {}
     for source, target, frames, size, stride, seed in HELD_OUT_EDITS[:args.clips]:
+        seed += args.seed_offset
         clip, centres, background, box = held_out_edit_clip(source, frames, size, stride, seed, model.image_size)
-        for arm, (method, adapter, negative) in arms.items():
-            params = InversionParams(steps=args.steps, method=method, adapter=adapter, attention=True,
-                                     max_t=top if method == "edict" else None)
-            inversion = invert_video(model, clip.model_video, source, params)
-            recon = reconstruct(model, inversion)
-            edit = edit_video(model, inversion, target, EditParams(adapter=adapter, negative=negative))
-            same = edit_video(model, inversion, source, EditParams(adapter=adapter, negative=negative))
+        inversions.clear()
+        for arm, (method, adapter, negative, extra) in arms.items():
+            if args.blend_threshold is not None and "blend_threshold" in extra:
+                extra = {**extra, "blend_threshold": args.blend_threshold}
+            if (method, adapter) not in inversions:   # arms that differ only in the edit share an inversion
+                params = InversionParams(steps=args.steps, method=method, adapter=adapter, attention=True,
+                                         max_t=top if method == "edict" else None)
+                inversion = invert_video(model, clip.model_video, source, params)
+                inversions[method, adapter] = inversion, reconstruct(model, inversion)
+            inversion, recon = inversions[method, adapter]
+            edit = edit_video(model, inversion, target, EditParams(adapter=adapter, negative=negative, **extra))
+            same = edit_video(model, inversion, source, EditParams(adapter=adapter, negative=negative, **extra))
             out = clip.to_source(edit.frames)
             region = clip.region_to_source(edit.edited_region)
             row = {"clip": f"{seed} {frames // stride}f {size[0]}x{size[1]}", "arm": arm,
-                   "recon_psnr": recon.psnr,
+                   "recon_psnr": recon.psnr, "blend_fraction": edit.blend_fraction if edit.blend_fraction is not None else float("nan"),
                    "edit_src_psnr": edit_scores(model, clip.to_source(same.frames), source, clip.video.frames)["psnr"],
                    **structure_scores(out, target, centres, background, clip.video.frames, "up" in source or
                                       "down" in source, box),
@@ -436,9 +458,10 @@ def heldout(args) -> None:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"held-out edits, {args.model or 'bundled model'} zero-shot, {args.steps} steps, guidance 7.5, fusion on; "
-          f"EDICT to t = {top} (abar >= 1e-3); metrics at the source's size")
+          f"EDICT to t = {top} (abar >= 1e-3); metrics at the source's size; seeds + {args.seed_offset}"
+          + (f"; blending arms' threshold {args.blend_threshold}" if args.blend_threshold is not None else ""))
     columns = ["changed", "path_corr", "background_err", "recon_psnr", "edit_src_psnr", "psnr_kept", "warp_error",
-               "text_alignment", "temporal_consistency_all_pairs"]
+               "text_alignment", "temporal_consistency_all_pairs", "blend_fraction"]
     print("| clip | arm | " + " | ".join(columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
     for row in rows:
@@ -529,7 +552,10 @@ def main() -> None:
     h.add_argument("--model", help="a t2i bundle (default: the bundled model)")
     h.add_argument("--steps", type=int, default=20)
     h.add_argument("--clips", type=int, default=len(HELD_OUT_EDITS))
-    h.add_argument("--arms", nargs="+", default=list(EDIT_ARMS)[:4], choices=list(EDIT_ARMS))
+    h.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(EDIT_ARMS))
+    h.add_argument("--seed-offset", type=int, default=0,
+                   help="draw the clips with seed + N (100: the tuning clips 9501-9504; 0: the reported ones)")
+    h.add_argument("--blend-threshold", type=float, help="the blending arms' mask threshold (tuning sweeps)")
     h.add_argument("--threads", type=int, default=2)
     w = sub.add_parser("windows", help="peak memory of invert + edit against clip length, windowed or not")
     w.add_argument("--model")

@@ -15,7 +15,8 @@ During editing `AttentionEditor` fuses them into the sampling run at the same st
   token and keeps the editing map for new tokens, then renormalises.
 
 The blend mask M is the source prompt's stored cross-attention on the edited words, averaged
-over heads, sites and steps, scaled to a maximum of 1 per frame and thresholded (FateZero: 0.3).
+over heads, sites and steps, scaled to a maximum of 1 per frame and thresholded (FateZero: 0.3);
+or any mask the caller brings (pipelines/edit_mask.py: DiffEdit's), at the largest stored grid.
 
 A clip longer than the model's window runs window by window (pipelines/video_denoiser.py): the
 caller sets `window` before each call; the recorder then keeps the maps of each window's own frames
@@ -120,24 +121,31 @@ def align_tokens(source_ids: list[int], target_ids: list[int], columns: int, mod
     return TokenAlignment(source_of, aligned, edited)
 
 
+def attention_side(maps: dict[str, torch.Tensor]) -> int:
+    """The side S of the largest stored cross-attention grid (the blend mask's grid)."""
+    return max(_grid(m.shape[2]) for key, m in maps.items() if key.endswith(".cross"))
+
+
 def blend_mask(maps: dict[str, torch.Tensor], columns: tuple[int, ...], threshold: float,
-               device: torch.device) -> torch.Tensor | None:
+               device: torch.device, span: bool = False) -> torch.Tensor | None:
     """M [F, S, S] (bool) from the stored source cross-attention on `columns`, averaged over
-    heads, sites and steps at the largest stored grid S, scaled to max 1 per frame, > threshold.
-    None when no column is edited (a reconstruction: everything is replaced)."""
+    heads, sites and steps at the largest stored grid S, scaled to max 1 per frame, > threshold
+    (`span`: scaled to [0, 1] per frame, (a - min) / (max - min), so a floor of attention that every
+    cell gets does not count). None when no column is edited (a reconstruction: everything is replaced)."""
     if not columns:
         return None
     cross = [m for key, m in maps.items() if key.endswith(".cross")]
     if not cross:
         return None
-    side = max(_grid(m.shape[2]) for m in cross)
+    side = attention_side(maps)
     total = None
     for m in cross:
         weight = m.to(device=device, dtype=torch.float32)[..., list(columns)].sum(-1).mean(1)   # [F, N]
         grid = weight.view(weight.shape[0], 1, _grid(weight.shape[1]), -1)
         grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)[:, 0]
         total = grid if total is None else total + grid
-    scaled = total / total.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    low = total.flatten(1).amin(1)[:, None, None] if span else torch.zeros_like(total[:, :1, :1])
+    scaled = (total - low) / (total.flatten(1).amax(1)[:, None, None] - low).clamp_min(1e-12)
     return scaled > threshold
 
 

@@ -31,7 +31,9 @@ from ctxdiff.formats.inversion import Inversion, InversionParams
 from ctxdiff.metrics.fidelity import psnr, ssim
 from ctxdiff.models.latent.text import EOT_ID
 from ctxdiff.pipelines.attention_control import (AttentionEditor, AttentionRecorder, FusionPlan, align_tokens,
-                                                 blend_mask)
+                                                 attention_side, blend_mask)
+from ctxdiff.pipelines.edit_mask import (MASK_SOURCES, SourceKeeper, at_grid, diffedit_map, dilate, sample_kept,
+                                        threshold_map)
 from ctxdiff.pipelines.video_clip import SourceClip, read_clip, read_source  # noqa: F401 (the commands' readers)
 from ctxdiff.pipelines.video_denoiser import VideoDenoiser
 
@@ -93,10 +95,19 @@ def sampling_calls(params: InversionParams) -> int:
 
 
 def sample_back(model: VideoDenoiser, inversion: Inversion, x0_fn, cond, adapter, progress=None,
-                callback=None, on_half=None) -> torch.Tensor:
+                callback=None, on_half=None, keeper: SourceKeeper | None = None) -> torch.Tensor:
     """Run the inversion's own sampler (Eq. 11, or EDICT's coupled chains) from its top step to t = 0;
-    `on_half(chain)`: EDICT's half-steps (attention fusion takes the maps of the same chain)."""
+    `on_half(chain)`: EDICT's half-steps (attention fusion takes the maps of the same chain); `keeper`:
+    local blending after every step (pipelines/edit_mask.py; `callback` is not called then)."""
     start = inversion.start(model.device)
+    if keeper is not None:
+        edict = inversion.params.method == "edict"
+        if edict:
+            start = tuple(z.to(CHAIN_DTYPE) for z in start)
+            x0_fn, adapter = _called_in(x0_fn, MODEL_DTYPE), _called_in(adapter, MODEL_DTYPE)
+        return sample_kept(x0_fn, start, inversion.sampling_steps, model.sched, keeper, adapter=adapter, cond=cond,
+                           method=inversion.params.method, mix=inversion.params.mix, on_half=on_half,
+                           progress=progress)
     if inversion.params.method == "edict":
         start = tuple(z.to(CHAIN_DTYPE) for z in start)
         return sample_edict(_called_in(x0_fn, MODEL_DTYPE), start, inversion.sampling_steps, model.sched,
@@ -155,8 +166,12 @@ class EditParams:
     fusion: bool = True             # False: no attention fusion (Tune-A-Video style editing)
     adapter: bool = True
     negative: str = "source"        # guidance away from: "source" (the source prompt) or "empty" (classifier-free)
+    mask_from: str = "attention"    # the blend mask: "attention" (FateZero), "attention-span" or "diffedit" (edit_mask.py)
+    keep_source: bool = False       # local blending: the source's inverted state outside the mask at every step
 
     def __post_init__(self) -> None:
+        if self.mask_from not in MASK_SOURCES:
+            raise ValueError(f"mask_from must be one of {', '.join(MASK_SOURCES)}, got {self.mask_from!r}")
         if self.negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {', '.join(NEGATIVES)}, got {self.negative!r}")
         if self.cross_mode not in CROSS_MODES:
@@ -219,10 +234,29 @@ def resolve_cross_mode(mode: str, source_ids: list[int], target_ids: list[int]) 
     return mode, None
 
 
+def diffedit_mask(model: VideoDenoiser, inversion: Inversion, target: str, threshold: float,
+                  use_adapter: bool) -> torch.Tensor:
+    """DiffEdit's mask [F, S, S] of the inversion's frames between its prompt and `target` (edit_mask.py),
+    at the denoiser's grid, grown by one cell."""
+    frames, window = len(inversion.frames), inversion.params.window
+    scaled = diffedit_map(model.x0_fn(frames, window=window), model.to_model(inversion.frames),
+                          model.encode(inversion.prompt, frames), model.encode(target, frames), model.sched,
+                          adapter=model.adapter_fn(frames, use_adapter, window))
+    return threshold_map(scaled, threshold)
+
+
+def source_states(model: VideoDenoiser, inversion: Inversion) -> dict[int, torch.Tensor]:
+    """The source's state at each sampling step: the inversion's trajectory at t_1..t_N, the frames at 0."""
+    states = {t: inversion.trajectory[i] for i, t in enumerate(inversion.timesteps)}
+    states[0] = model.to_model(inversion.frames).cpu()
+    return states
+
+
 @torch.no_grad()
 def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: EditParams,
                progress=None) -> EditResult:
-    """Sample from the inversion's x_{t_N} under `target` with guidance, the adapter and fusion."""
+    """Sample from the inversion's x_{t_N} under `target` with guidance, the adapter and fusion; with
+    `params.keep_source`, the source's own states outside the blend mask (edit_mask.py)."""
     use_adapter = params.adapter and model.adapter is not None
     if use_adapter != inversion.params.adapter:
         raise CtxdiffError(f"the inversion was made {'with' if inversion.params.adapter else 'without'} the adapter; "
@@ -230,7 +264,9 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
     frames = len(inversion.frames)
     descending = inversion.sampling_steps
     cond = model.encode(target, frames)
-    editor, mode, fraction, notes, mask = None, None, None, [], None
+    editor, mode, notes, mask = None, None, [], None
+    if params.mask_from == "diffedit":
+        mask = diffedit_mask(model, inversion, target, params.blend_threshold, use_adapter)
     if params.fusion:
         if not inversion.attention:
             raise CtxdiffError("this inversion holds no attention maps; invert with --attention, or edit with "
@@ -242,10 +278,19 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
         alignment = align_tokens(source_ids, target_ids, first + cond.tokens.shape[1], mode, first)
         maps = inversion.attention if inversion.params.attention_on_cpu else \
             {k: v.to(model.device) for k, v in inversion.attention.items()}
-        mask = blend_mask(maps, alignment.edited, params.blend_threshold, model.device)
-        fraction = float(mask.float().mean()) if mask is not None else None
+        if params.mask_from == "attention":
+            mask = blend_mask(maps, alignment.edited, params.blend_threshold, model.device)
+        elif params.mask_from == "attention-span":
+            mask = blend_mask(maps, alignment.edited, params.blend_threshold, model.device, span=True)
+            mask = None if mask is None else dilate(mask)
+            if mask is None and params.keep_source:   # no word edited: nothing to change, keep every cell
+                mask = torch.zeros((frames, attention_side(maps), attention_side(maps)), dtype=torch.bool,
+                                   device=model.device)
+        fused = None if mask is None else at_grid(mask, attention_side(maps)).to(model.device)
         editor = AttentionEditor(maps, descending[:-1], FusionPlan(params.self_replace, params.cross_replace, mode),
-                                 alignment, mask, frames, model.device)
+                                 alignment, fused, frames, model.device)
+    fraction = float(mask.float().mean()) if mask is not None else None
+    keeper = SourceKeeper(source_states(model, inversion), mask) if params.keep_source and mask is not None else None
     window = inversion.params.window
     x0_fn = model.x0_fn(frames, on_call=(lambda t: setattr(editor, "t", t)) if editor else None,
                         on_window=(lambda w: setattr(editor, "window", w)) if editor else None, window=window)
@@ -253,6 +298,7 @@ def edit_video(model: VideoDenoiser, inversion: Inversion, target: str, params: 
     guided = classifier_free_guidance(x0_fn, negative, params.guidance)
     with model.unet.controlled(editor):
         x = sample_back(model, inversion, guided, cond, model.adapter_fn(frames, use_adapter, window),
-                        progress=progress, on_half=(lambda c: setattr(editor, "chain", c)) if editor else None)
+                        progress=progress, on_half=(lambda c: setattr(editor, "chain", c)) if editor else None,
+                        keeper=keeper)
     out = model.to_frames(x.float())
     return EditResult(out, mode, fraction, notes, region_at(mask, *out.shape[1:3]))
