@@ -8,9 +8,10 @@ _ctxdiff() {
   case "$cmd" in
     "") opts="--device --json --quiet -q --debug --version --help -h edit evaluate generate invert shapes train tune-video"
       ;;
-    "edit") opts="--tgt -t --src -s --model -m --tuned --adapter --lora --inversion --out -o --side-by-side --steps --guidance -g --negative --self-replace --cross-replace --cross-mode --blend-threshold --no-fusion --no-adapter --frames --stride --start --crop --no-detail --method --max-t --spacing --refine --window --attention-on-cpu --force --device --json --quiet -q --debug --help -h"
+    "edit") opts="--tgt -t --src -s --model -m --tuned --adapter --lora --inversion --out -o --side-by-side --steps --guidance -g --negative --self-replace --cross-replace --cross-mode --blend-threshold --mask-from --keep-source --no-fusion --no-adapter --frames --stride --start --crop --no-detail --method --max-t --spacing --refine --window --attention-on-cpu --force --device --json --quiet -q --debug --help -h"
       case "$prev" in --negative) choices="source empty";; esac
       case "$prev" in --cross-mode) choices="replace refine";; esac
+      case "$prev" in --mask-from) choices="attention attention-span diffedit";; esac
       case "$prev" in --method) choices="edict ddim";; esac
       case "$prev" in --spacing) choices="leading trailing linspace";; esac
       ;;

@@ -132,3 +132,25 @@ def test_sampling_with_a_keeper_steps_like_the_plain_sampler_in_between():
 def test_edit_params_refuse_an_unknown_mask_source():
     with pytest.raises(ValueError, match="mask_from"):
         EditParams(mask_from="sam")
+
+
+def test_edit_cli_keeps_the_source_outside_a_diffedit_mask_and_refuses_a_mask_it_cannot_make(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from tiny_video import tiny_video_bundle
+
+    from ctxdiff.cli import main
+
+    model = tiny_video_bundle(tmp_path)
+    image = tmp_path / "red.png"
+    Image.fromarray(moving_shape_video(SRC, frames=2, size=16, seed=9103).frames[0]).save(image)
+    common = ["edit", str(image), "--model", str(model), "--src", SRC, "--tgt", TGT, "--steps", "3"]
+    assert main(["--json", *common, "--mask-from", "diffedit", "--keep-source", "--blend-threshold", "0.7",
+                 "--out", str(tmp_path / "blue")]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["mask_from"] == "diffedit" and record["keep_source"] and 0 < record["blend_fraction"] < 1
+    assert record["psnr_kept"] == float("inf")
+    assert main([*common, "--keep-source", "--no-fusion", "--out", str(tmp_path / "x")]) == 2
+    assert "--mask-from diffedit" in capsys.readouterr().err

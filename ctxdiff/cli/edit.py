@@ -29,6 +29,12 @@ class Negative(str, Enum):
     empty = "empty"
 
 
+class MaskFrom(str, Enum):
+    attention = "attention"
+    attention_span = "attention-span"
+    diffedit = "diffedit"
+
+
 @app.command()
 def edit(
     video: Path = typer.Argument(..., help="Source video file, folder of frames, or one image."),
@@ -54,7 +60,16 @@ def edit(
     cross_mode: CrossMode = typer.Option(CrossMode.replace, "--cross-mode",
                                          help="replace (prompts of equal token count) or refine."),
     blend_threshold: float = typer.Option(0.3, "--blend-threshold", min=0.0, max=1.0,
-                                          help="Threshold of the blend mask."),
+                                          help="Threshold of the blend mask (chosen on tuning clips: 0.3 for "
+                                               "diffedit, 0.7 for attention-span)."),
+    mask_from: MaskFrom = typer.Option(MaskFrom.attention, "--mask-from",
+                                       help="The blend mask: the source prompt's cross-attention on the edited "
+                                            "words scaled to max 1 (attention, FateZero) or to [0, 1] per frame "
+                                            "(attention-span), or where the two prompts' predictions differ "
+                                            "(diffedit, DiffEdit)."),
+    keep_source: bool = typer.Option(False, "--keep-source",
+                                     help="Outside the blend mask, put back the source's inverted state at every "
+                                          "step (local blending): what the mask leaves out stays the source."),
     no_fusion: bool = typer.Option(False, "--no-fusion", help="No attention fusion (Tune-A-Video style)."),
     no_adapter: bool = typer.Option(False, "--no-adapter", help="r = 0 in inversion and sampling (the baseline)."),
     frames: int = FRAMES,
@@ -96,8 +111,11 @@ def edit(
         check_steps(steps, vmodel.sched.T)
     if no_adapter and vmodel.adapter is None:
         warn("this model has no adapter; --no-adapter changes nothing")
+    if keep_source and no_fusion and mask_from != MaskFrom.diffedit:
+        raise UsageError(f"--keep-source with --no-fusion has no mask: --mask-from {mask_from.value} needs the "
+                         "attention maps; pass --mask-from diffedit, or drop --no-fusion")
     params = EditParams(guidance, self_replace, cross_replace, cross_mode.value, blend_threshold, not no_fusion,
-                        not no_adapter, negative.value)
+                        not no_adapter, negative.value, mask_from.value, keep_source)
     if inversion_file is not None:
         inversion = _read_inversion(inversion_file)
         check_inversion(vmodel, inversion, str(inversion_file))
@@ -141,7 +159,8 @@ def edit(
     write_video(path, shown, clip.fps, metadata, audio_of=clip.video)
     record = {"out": str(path), "prompt": tgt, "source_prompt": text, "frames": len(edited), "fps": clip.fps,
               "width": edited.shape[2], "height": edited.shape[1], "method": inversion.params.method,
-              "cross_mode": result.cross_mode, "blend_fraction": result.blend_fraction, "adapter": params.adapter,
+              "cross_mode": result.cross_mode, "mask_from": params.mask_from, "keep_source": params.keep_source,
+              "blend_fraction": result.blend_fraction, "adapter": params.adapter,
               **{k: v for k, v in scores.items() if k != "frames"}}
     emit_json(record)
     if not options().json:
