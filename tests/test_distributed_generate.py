@@ -51,6 +51,24 @@ def _files(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _one_process_and_two_ranks(common: list[str], out_flag: str, tmp_path):
+    """`python -m ctxdiff COMMON OUT_FLAG tmp/one` and the same under `torchrun --nproc_per_node 2` into
+    tmp/two (both must succeed): their CompletedProcess results."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "ctxdiff", *common, out_flag, str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ctxdiff", *common, out_flag, str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return one, two
+
+
 def _params(pipe):
     return replace(pipe.defaults, steps=2, sr_steps=2)
 
@@ -93,8 +111,6 @@ def test_two_gloo_ranks_write_byte_identical_files_to_one_process(tmp_path, monk
 
 def test_torchrun_generate_writes_the_files_of_one_process_and_one_table(tmp_path):
     import json
-    import subprocess
-    import sys
 
     from ctxdiff.models.latent import save_compvis
     from tiny_sd import tiny_sd_models
@@ -104,15 +120,7 @@ def test_torchrun_generate_writes_the_files_of_one_process_and_one_table(tmp_pat
     prompts.write_text("a red circle\na blue square --negative a green cross\na yellow triangle\n")
     common = ["--json", "--device", "cpu", "generate", "--from-file", str(prompts), "--model", str(sd), "-n", "2",
               "--steps", "2", "--seed", "9", "--batch-size", "2", "--grid"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "ctxdiff", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ctxdiff", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = _one_process_and_two_ranks(common, "--out", tmp_path)
     files = _files(tmp_path / "one")
     assert len(files) == 7 and "grid.png" in files          # 3 prompts x 2 images, and the grid
     assert _files(tmp_path / "two") == files
@@ -130,8 +138,6 @@ def test_torchrun_evaluate_zero_shot_splits_the_images_and_measures_what_one_pro
     """The zero-shot FID protocol under torchrun: the ranks share the images (the same files, byte for
     byte), rank 0 alone measures and prints one result, equal to one process's."""
     import json
-    import subprocess
-    import sys
 
     from ctxdiff.shapes.datasets import write_samples
 
@@ -141,15 +147,7 @@ def test_torchrun_evaluate_zero_shot_splits_the_images_and_measures_what_one_pro
     common = ["--json", "--device", "cpu", "evaluate", "--metric", "fid", "--model", str(DEFAULT_MODEL),
               "--prompts", str(prompts), "-n", "5", "--steps", "2", "--batch-size", "2", "--real", str(tmp_path / "real"),
               "--features", f"clip:shapes-clip:{DEFAULT_MODEL}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "ctxdiff", *common, "--fake", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "ctxdiff", *common, "--fake", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = _one_process_and_two_ranks(common, "--fake", tmp_path)
     files = _files(tmp_path / "one")
     assert sum(name.endswith(".png") for name in files) == 5
     assert _files(tmp_path / "two") == files

@@ -115,16 +115,7 @@ def test_resumed_windowed_tuning_is_bit_identical(tiny, tmp_path):
         model = VideoModel.load(tiny)
         return VideoTuner(model, read_source(clip_path, None, 1, 0, 16), SRC, config, tmp_path / run, resume=resume)
 
-    full = tuner("full")
-    full.run()
-    part = tuner("part")
-    assert part.run(should_stop=lambda: part.step >= 2).interrupted
-    resumed = tuner("part", resume=True)
-    assert resumed.step == 2 and resumed.run().step == 4
-    for (name, a), b in zip(full.model.unet.tunable_state().items(), resumed.model.unet.tunable_state().values()):
-        assert torch.equal(a, b), name
-    for (name, a), b in zip(full.model.adapter.state_dict().items(), resumed.model.adapter.state_dict().values()):
-        assert torch.equal(a, b), name
+    tiny_video.assert_resume_is_exact(tuner)
 
 
 def test_a_clip_shorter_than_the_window_trains_on_all_its_frames(tiny, tmp_path, monkeypatch, capsys):

@@ -170,16 +170,7 @@ def test_resumed_tuning_is_bit_identical(tiny, tmp_path):
         model = VideoModel.load(tiny["a"])
         return VideoTuner(model, read_source(clip_path, 4, 2, 0, 16), SRC, config, tmp_path / run, resume=resume)
 
-    full = tuner("full")
-    full.run()
-    part = tuner("part")
-    assert part.run(should_stop=lambda: part.step >= 2).interrupted
-    resumed = tuner("part", resume=True)
-    assert resumed.step == 2 and resumed.run().step == 4
-    for (name, a), b in zip(full.model.unet.tunable_state().items(), resumed.model.unet.tunable_state().values()):
-        assert torch.equal(a, b), name
-    for (name, a), b in zip(full.model.adapter.state_dict().items(), resumed.model.adapter.state_dict().values()):
-        assert torch.equal(a, b), name
+    tiny_video.assert_resume_is_exact(tuner)
 
 
 def test_tune_video_cli_refuses_an_existing_run_and_resumes_it(tiny, tmp_path, capsys):
