@@ -7,7 +7,6 @@ a MetricResult (the JSON record and the table for people). A new metric is one m
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -291,17 +290,11 @@ def temporal_consistency_metric(req: EvalRequest) -> MetricResult:
 def _source_of(video: Path, given: Path | None) -> tuple[Path, dict]:
     """(source video, its frame selection) of an edited video: --source, else what `ctxdiff edit`
     recorded in the video's sidecar."""
-    from ctxdiff.data.video import sidecar_path
+    from ctxdiff.data.video import read_sidecar
 
-    sidecar = sidecar_path(video)
-    record = {}
-    if sidecar.is_file():
-        try:
-            record = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CtxdiffError(f"{sidecar}: not valid JSON ({e}); fix or remove it, or pass --source") from None
-    selection = record.get("clip") if isinstance(record, dict) and isinstance(record.get("clip"), dict) else {}
-    source = given or (Path(record["source"]) if isinstance(record, dict) and record.get("source") else None)
+    record = read_sidecar(video)
+    selection = record["clip"] if isinstance(record.get("clip"), dict) else {}
+    source = given or (Path(record["source"]) if record.get("source") else None)
     if source is None:
         raise UsageError(f"--metric fidelity: no source for {video} (its sidecar records none); pass --source PATH")
     return source, selection if given is None else {}

@@ -269,16 +269,21 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def video_prompt(path: str | Path) -> str | None:
-    """The "prompt" recorded in a video's sidecar `<path>.json` (see `write_video`), if any."""
+def read_sidecar(path: str | Path) -> dict:
+    """The record of a video's sidecar `<path>.json` (see `write_video`); {} when there is none."""
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
-        return None
+        return {}
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CtxdiffError(f"{sidecar}: not valid JSON ({exc}); fix or remove it") from None
-    prompt = record.get("prompt") if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else {}
+
+
+def video_prompt(path: str | Path) -> str | None:
+    """The "prompt" recorded in a video's sidecar `<path>.json` (see `write_video`), if any."""
+    prompt = read_sidecar(path).get("prompt")
     return prompt if isinstance(prompt, str) and prompt else None
 
 
