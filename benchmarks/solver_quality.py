@@ -65,6 +65,12 @@ def paired(arm: np.ndarray, base: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
 
 
+def rate_se(verdicts: np.ndarray) -> float:
+    """The standard error of a rate on its own, sqrt(p (1 - p) / n), over the stated (non-NaN) verdicts."""
+    stated = verdicts[~np.isnan(verdicts)]
+    return math.sqrt(stated.mean() * (1 - stated.mean()) / stated.size) if stated.size else float("nan")
+
+
 def print_attribute_table(results: list[tuple[str, SampleConfig, dict]]) -> None:
     """Accuracy of each stated attribute per arm, and arm - baseline with its paired standard error."""
     base = results[0][2]["per_attribute"]
@@ -73,20 +79,18 @@ def print_attribute_table(results: list[tuple[str, SampleConfig, dict]]) -> None
           + f" {'all within':>10}")
     print(f"{'(accuracy, diff +- se)':<32} " + " ".join(f"{'n = ' + str(int((~np.isnan(base[n])).sum())):>18}"
                                                      for n in names))
-    for label, params, result in results:
+    for i, (label, params, result) in enumerate(results):
         cells, within = [], True
         for name in names:
             values = result["per_attribute"][name]
-            accuracy = np.nanmean(values)
-            if result["per_attribute"] is base:
-                cells.append(f"{accuracy:>18.3f}")
+            if i == 0:
+                cells.append(f"{np.nanmean(values):>18.3f}")
                 continue
             diff, se = paired(values, base[name])
-            stated = base[name][~np.isnan(base[name])]
-            outside = abs(diff) > math.sqrt(stated.mean() * (1 - stated.mean()) / stated.size)
+            outside = abs(diff) > rate_se(base[name])
             within &= not outside
-            cells.append(f"{accuracy:.3f} {diff:+.3f}+-{se:.3f}{'*' if outside else ' '}".rjust(18))
-        verdict = "baseline" if result["per_attribute"] is base else ("yes" if within else "no")
+            cells.append(f"{np.nanmean(values):.3f} {diff:+.3f}+-{se:.3f}{'*' if outside else ' '}".rjust(18))
+        verdict = "baseline" if i == 0 else ("yes" if within else "no")
         print(f"{label:<22} {params.steps:>5} {params.sr_steps:>3} " + " ".join(cells) + f" {verdict:>10}", flush=True)
     print("# *: the attribute's |diff| is over the baseline's own standard error for it, sqrt(p (1 - p) / n stated)")
 
@@ -141,11 +145,8 @@ def main() -> None:
         results.append((label, params, result))
         if base is None:
             base = result
-            p = result["correct"].mean()
-            base["se_rate"] = math.sqrt(p * (1 - p) / n) if n else float("nan")
-        d = result["correct"] - base["correct"]
-        diff = d.mean()
-        se = d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+            base["se_rate"] = rate_se(result["correct"])
+        diff, se = paired(result["correct"], base["correct"])
         within = "baseline" if result is base else ("yes" if abs(diff) <= base["se_rate"] else "no")
         print(f"{label:<22} {params.steps:>5} {params.sr_steps:>3} {result['correct'].mean():>11.3f} "
               f"{result['attributes']:>6.3f} {diff:>+7.3f} {se:>6.3f} {within:>11} {result['seconds']:>8.3f} "
